@@ -1,0 +1,107 @@
+"""Command-line setup shared by the evaluations: the teacher backbone from a training run.
+
+``--config-file D/config.yaml --pretrained-weights CKPT`` builds the teacher backbone described by
+the config (``build_model_from_cfg(cfg, only_teacher=True)``) and loads the backbone weights of a
+checkpoint in the official format (``{"teacher": {"backbone.…": …}}``) or a bare state dict.
+Under ``torchrun``/SLURM with several processes the process group is initialised first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from franca import distributed
+from franca.hub.loading import load_backbone_weights
+from franca.models import build_model_from_cfg
+from franca.utils.config import load_config_file
+
+logger = logging.getLogger("franca")
+
+_PRECISION_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def get_args_parser(
+    description: str | None = None, parents: Sequence[argparse.ArgumentParser] = (), add_help: bool = True
+) -> argparse.ArgumentParser:
+    """Arguments every evaluation takes: the model (config + weights), the output folder, config overrides."""
+    parser = argparse.ArgumentParser(description=description, parents=list(parents), add_help=add_help)
+    parser.add_argument("--config-file", required=True, help="config of the training run (D/config.yaml) or a shipped name")
+    parser.add_argument("--pretrained-weights", required=True, help="teacher checkpoint (teacher_checkpoint.pth)")
+    parser.add_argument("--output-dir", default=".", help="folder for results and logs (default: %(default)s)")
+    parser.add_argument("--opts", nargs="+", default=[], help="config overrides, key=value")
+    return parser
+
+
+@dataclass
+class EvalModel:
+    """A frozen backbone ready for evaluation, the device it sits on and the autocast dtype of the run."""
+
+    backbone: torch.nn.Module
+    device: torch.device
+    autocast_dtype: torch.dtype
+    config: DictConfig
+
+
+def autocast_dtype_from_config(cfg: DictConfig) -> torch.dtype:
+    """The teacher backbone's mixed-precision parameter dtype (fp16/bf16/fp32) from the config."""
+    name = str(cfg.compute_precision.teacher.backbone.mixed_precision.param_dtype)
+    if name not in _PRECISION_DTYPES:
+        raise ValueError(f"unknown teacher param_dtype {name!r}: expected one of {sorted(_PRECISION_DTYPES)}")
+    return _PRECISION_DTYPES[name]
+
+
+def init_distributed_from_env() -> None:
+    """Join the process group when launched as one of several processes (torchrun or SLURM)."""
+    world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    if world_size > 1 and not distributed.is_enabled():
+        distributed.enable(overwrite=True)
+
+
+def default_device() -> torch.device:
+    """This process's GPU when there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def build_model_for_eval(cfg: DictConfig, pretrained_weights: str | os.PathLike, device: torch.device) -> torch.nn.Module:
+    """Teacher backbone of ``cfg`` with the checkpoint's backbone weights (strict), frozen, in eval mode."""
+    path = Path(pretrained_weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained weights not found: {path}")
+    model, _ = build_model_from_cfg(cfg, only_teacher=True)
+    load_backbone_weights(model, str(path))
+    model.requires_grad_(False)
+    return model.eval().to(device)
+
+
+def setup_and_build_model(args: argparse.Namespace) -> EvalModel:
+    """Parse the config (with ``--opts``), join the process group if any, build and load the backbone."""
+    cfg = load_config_file(args.config_file, list(args.opts))
+    init_distributed_from_env()
+    torch.backends.cudnn.benchmark = True
+    device = default_device()
+    backbone = build_model_for_eval(cfg, args.pretrained_weights, device)
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    return EvalModel(backbone=backbone, device=device, autocast_dtype=autocast_dtype_from_config(cfg), config=cfg)
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int]) -> None:
+    """Run ``main`` as a command: bad user input (missing file, wrong value, unknown key) ends in one error line."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        code = main(None)
+    except (FileNotFoundError, ValueError, KeyError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        sys.exit(f"error: {message}")
+    sys.exit(code)

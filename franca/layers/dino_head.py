@@ -1,0 +1,125 @@
+"""The DINO projection head (DINOv2 baseline, ``dino.MRL: false``) and the pieces the Matryoshka head shares.
+
+``DINOHead``: ``x → MLP → L2-normalise → WeightNormLinear → prototype logits``.
+``WeightNormLinear``: a bias-free weight-normalised linear layer ``y = (x vᵀ) · diag(g / ‖v‖)`` whose parameters
+keep the names of the old ``torch.nn.utils.weight_norm`` (``weight_g`` K×1, ``weight_v`` K×in), so official
+checkpoints load and save with identical keys.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.init import trunc_normal_
+
+# Key suffixes written by ``torch.nn.utils.parametrizations.weight_norm`` (the newer weight-norm API).
+_PARAMETRIZED_NAMES = {"parametrizations.weight.original0": "weight_g", "parametrizations.weight.original1": "weight_v"}
+
+
+class WeightNormLinear(nn.Module):
+    """Bias-free weight-normalised linear layer: ``y = (x @ vᵀ) · (g / ‖v‖)`` with ``‖v‖`` the norm of each row.
+
+    The normalised matrix ``g · v / ‖v‖`` is never materialised: the product uses ``v`` directly and the
+    per-prototype scale ``g / ‖v‖`` multiplies the (rows × K) output, which is the smaller tensor whenever
+    the batch is smaller than the input width (the head case: K up to 131 072, inputs of width 256–384).
+    ``weight_g`` starts at 1 and ``weight_v`` as an ``nn.Linear`` weight, like ``weight_norm(nn.Linear)``
+    followed by ``weight_g.fill_(1)`` in the reference.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight_g = nn.Parameter(torch.ones(out_features, 1))
+        self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
+        nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))
+
+    def scale(self) -> Tensor:
+        """The per-prototype factor ``g / ‖v‖`` (K,)."""
+        return (self.weight_g / torch.linalg.vector_norm(self.weight_v, dim=1, keepdim=True)).view(-1)
+
+    @property
+    def weight(self) -> Tensor:
+        """The effective weight ``g · v / ‖v‖`` (K × in); materialised, so only for inspection or export."""
+        return self.weight_v * self.scale().unsqueeze(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = F.linear(x, self.weight_v)
+        return logits * self.scale().to(logits.dtype)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        # Accept files written with the parametrisation API (``parametrizations.weight.original0/1``).
+        for new_suffix, old_suffix in _PARAMETRIZED_NAMES.items():
+            if prefix + new_suffix in state_dict and prefix + old_suffix not in state_dict:
+                state_dict[prefix + old_suffix] = state_dict.pop(prefix + new_suffix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+def build_mlp(
+    nlayers: int,
+    in_dim: int,
+    bottleneck_dim: int,
+    hidden_dim: int,
+    use_bn: bool = False,
+    bias: bool = True,
+    activate_output: bool = False,
+) -> nn.Module:
+    """``nlayers`` linear layers ``in → hidden (→ hidden)* → bottleneck`` with [BatchNorm +] GELU between them.
+
+    ``nlayers == 1`` gives a single ``nn.Linear``. ``activate_output`` appends [BatchNorm +] GELU after the
+    bottleneck layer (the Matryoshka head does this; the DINOv2 head does not). Sequential indices, hence
+    state-dict keys, are those of the reference (``0, 2, 4`` for 3 layers without BatchNorm).
+    """
+    if nlayers == 1:
+        return nn.Linear(in_dim, bottleneck_dim, bias=bias)
+    widths = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
+    layers: list[nn.Module] = []
+    for index, (width_in, width_out) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(width_in, width_out, bias=bias))
+        if index < nlayers - 1 or activate_output:
+            if use_bn:
+                layers.append(nn.BatchNorm1d(width_out))
+            layers.append(nn.GELU())
+    return nn.Sequential(*layers)
+
+
+def init_linear_weights(module: nn.Module) -> None:
+    """Head initialisation: ``nn.Linear`` weights ~ truncated N(0, 0.02²), biases 0 (prototype layers untouched)."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+class DINOHead(nn.Module):
+    """DINOv2 head: ``logits = WeightNormLinear(normalize(MLP(x)))``, x (..., in_dim) → (..., out_dim).
+
+    The L2 normalisation uses ``eps = 1e-6`` in float16 and ``1e-12`` otherwise. Keys: ``mlp.*``,
+    ``last_layer.weight_g`` (out_dim × 1), ``last_layer.weight_v`` (out_dim × bottleneck_dim).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        use_bn: bool = False,
+        nlayers: int = 3,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        mlp_bias: bool = True,
+    ) -> None:
+        super().__init__()
+        self.mlp = build_mlp(max(nlayers, 1), in_dim, bottleneck_dim, hidden_dim, use_bn=use_bn, bias=mlp_bias)
+        self.mlp.apply(init_linear_weights)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.mlp(x)
+        eps = 1e-6 if x.dtype == torch.float16 else 1e-12
+        return self.last_layer(F.normalize(x, dim=-1, p=2, eps=eps))

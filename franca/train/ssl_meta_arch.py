@@ -1,0 +1,372 @@
+"""The Franca training step: student/teacher networks, teacher targets, DINO / iBOT / KoLeo losses.
+
+One call of :meth:`SSLMetaArch.forward_backward` on a batch from ``collate_data_and_cast``:
+
+1. teacher (no grad): backbone on the 2 global crops → class tokens (the two crops swapped,
+   so student crop 1 is compared with teacher crop 2) and the masked patch tokens gathered
+   by ``mask_indices_list`` into an ``upperbound``-row buffer → heads → targets, by
+   Sinkhorn-Knopp (``train.centering: sinkhorn_knopp``) or softmax with an EMA centre;
+2. student: one multi-crop backbone pass (global crops with the iBOT masks, local crops
+   without) → heads on local class tokens, global class tokens and masked patch tokens;
+3. losses, as in the official code, with ``T = 2·n_local + 2`` loss terms:
+
+   * ``dino_local_crops_loss = DINO(local vs both teacher globals) / T``
+   * ``dino_global_crops_loss = 2 · DINO(global vs swapped teacher globals) / T``
+   * ``koleo = koleo_loss_weight · Σ_crop KoLeo(student class tokens of that global crop)``
+   * ``ibot = iBOT(masked student patches vs teacher targets, masks_weight)``
+
+   objective = ``dino.loss_weight · (local + global) + koleo + ibot.loss_weight · ibot``.
+   The returned dict reports ``koleo / 2`` and ``ibot / 2`` under ``koleo_loss`` and
+   ``ibot_loss`` (the official logged values, so logs compare with the released ones).
+
+With ``dino.MRL`` every head returns one output per Matryoshka level and each loss sums over
+levels; a plain DINO head is treated as a single level.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from franca.layers.dino_head import DINOHead
+from franca.layers.mrl_dino_head import MRLDINOHead
+from franca.loss import KoLeoLoss, MRLDINOLoss, MRLiBOTPatchLoss
+from franca.models import build_model_from_cfg
+from franca.utils.param_groups import fuse_params_groups, get_params_groups_with_decay
+
+logger = logging.getLogger("franca")
+
+N_GLOBAL_CROPS = 2
+_PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+Levels = tuple[Tensor, ...]
+
+
+def _as_levels(head_output: Tensor | tuple | list) -> Levels:
+    """Per-level outputs of a head: a Matryoshka head gives one tensor per level, a plain head one."""
+    return tuple(head_output) if isinstance(head_output, (tuple, list)) else (head_output,)
+
+
+def _split_levels(levels: Levels, sizes: list[int]) -> list[Levels]:
+    """Split every level's rows by ``sizes``; returns one list of levels per chunk."""
+    per_level = [torch.split(level, sizes) for level in levels]
+    return [tuple(chunks[i] for chunks in per_level) for i in range(len(sizes))]
+
+
+def _gather_masked(patch_tokens: Tensor, mask_indices: Tensor, upperbound: int) -> Tensor:
+    """Masked patch tokens (rows of ``patch_tokens.flatten(0, 1)`` at ``mask_indices``) zero-padded to ``upperbound`` rows."""
+    n_masked = mask_indices.shape[0]
+    buffer = patch_tokens.new_zeros(max(upperbound, n_masked), patch_tokens.shape[-1])
+    buffer[:n_masked] = torch.index_select(patch_tokens.flatten(0, 1), 0, mask_indices)
+    return buffer
+
+
+class SSLMetaArch(nn.Module):
+    """Student and teacher (``backbone``, ``dino_head``, ``ibot_head`` when separate) and the Franca step."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.n_local_crops = int(cfg.crops.local_crops_number)
+        self.mrl = bool(cfg.dino.MRL)
+        self.centering = cfg.train.centering
+        if self.centering not in ("sinkhorn_knopp", "centering"):
+            raise ValueError(f"train.centering must be 'sinkhorn_knopp' or 'centering', got {self.centering!r}")
+        self.dino_loss_weight = float(cfg.dino.loss_weight)
+        self.koleo_loss_weight = float(cfg.dino.koleo_loss_weight)
+        self.ibot_loss_weight = float(cfg.ibot.loss_weight)
+        self.do_dino = self.dino_loss_weight > 0
+        self.do_koleo = self.koleo_loss_weight > 0
+        self.do_ibot = self.ibot_loss_weight > 0
+        self.ibot_separate_head = bool(cfg.ibot.separate_head)
+        self.sk_exclude_padding = bool(cfg.ibot.sk_exclude_padding)
+        if self.do_ibot and (max(cfg.ibot.mask_ratio_min_max) <= 0 or cfg.ibot.mask_sample_probability <= 0):
+            raise ValueError(
+                "ibot.loss_weight > 0 needs a positive ibot.mask_ratio_min_max and ibot.mask_sample_probability"
+            )
+
+        student_backbone, teacher_backbone, embed_dim = build_model_from_cfg(cfg)
+        self.embed_dim = embed_dim
+        if cfg.student.pretrained_weights:
+            from franca.hub.loading import load_backbone_weights
+
+            logger.info("initialising the backbone from %s", cfg.student.pretrained_weights)
+            load_backbone_weights(student_backbone, cfg.student.pretrained_weights)
+
+        student = {"backbone": student_backbone, "dino_head": self._build_head(cfg.dino)}
+        teacher = {"backbone": teacher_backbone, "dino_head": self._build_head(cfg.dino)}
+        if self.do_ibot and self.ibot_separate_head:
+            student["ibot_head"] = self._build_head(cfg.ibot)
+            teacher["ibot_head"] = self._build_head(cfg.ibot)
+        self.student = nn.ModuleDict(student)
+        self.teacher = nn.ModuleDict(teacher)
+        self.teacher.load_state_dict(self.student.state_dict())
+        self.teacher.requires_grad_(False)
+
+        self.dino_loss = MRLDINOLoss(cfg.dino.head_n_prototypes)
+        ibot_prototypes = cfg.ibot.head_n_prototypes if self.ibot_separate_head else cfg.dino.head_n_prototypes
+        self.ibot_patch_loss = MRLiBOTPatchLoss(ibot_prototypes)
+        self.koleo_loss = KoLeoLoss()
+
+        precision = cfg.compute_precision.student.backbone.mixed_precision.param_dtype
+        self.compute_dtype = _PRECISION_DTYPES[precision]
+        use_scaler = cfg.compute_precision.grad_scaler and precision == "fp16" and torch.cuda.is_available()
+        self.fp16_scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        logger.info(
+            "SSLMetaArch: %s (embed_dim %d), %s heads, %s targets, iBOT head %s",
+            cfg.student.arch,
+            embed_dim,
+            "Matryoshka" if self.mrl else "DINO",
+            self.centering,
+            "separate" if self.ibot_separate_head else "shared",
+        )
+
+    def _build_head(self, head_cfg: DictConfig) -> nn.Module:
+        kwargs = dict(
+            in_dim=self.embed_dim,
+            out_dim=head_cfg.head_n_prototypes,
+            nlayers=head_cfg.head_nlayers,
+            hidden_dim=head_cfg.head_hidden_dim,
+            bottleneck_dim=head_cfg.head_bottleneck_dim,
+        )
+        if not self.mrl:
+            return DINOHead(**kwargs)
+        d = self.embed_dim
+        return MRLDINOHead(
+            **kwargs,
+            nesting_list=[d // 16, d // 8, d // 4, d // 2, d],
+            projection=self.cfg.dino.mrl_projection,
+        )
+
+    # ------------------------------------------------------------------ utilities
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.student.parameters()).device
+
+    def forward(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError("SSLMetaArch is trained through forward_backward(batch, teacher_temp)")
+
+    def train(self, mode: bool = True) -> SSLMetaArch:
+        """Train mode for the student; the teacher always stays in eval mode."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def _autocast(self):
+        """Mixed-precision context: ``compute_precision.student.backbone`` dtype on CUDA, none on CPU."""
+        if self.device.type == "cuda" and self.compute_dtype != torch.float32:
+            return torch.autocast("cuda", dtype=self.compute_dtype)
+        return nullcontext()
+
+    def _move_batch(self, batch: dict) -> dict:
+        """The batch tensors on the model's device, images in the parameters' dtype."""
+        device = self.device
+        param_dtype = next(self.student.parameters()).dtype
+        images = {
+            key: batch[key].to(device, dtype=param_dtype, non_blocking=True)
+            for key in ("collated_global_crops", "collated_local_crops")
+        }
+        other = {
+            key: batch[key].to(device, non_blocking=True)
+            for key in ("collated_masks", "mask_indices_list", "masks_weight", "n_masked_patches")
+        }
+        return {**images, **other, "upperbound": int(batch["upperbound"])}
+
+    # ------------------------------------------------------------------ the step
+
+    @torch.no_grad()
+    def get_teacher_output(self, inputs: dict, teacher_temp: float) -> dict:
+        """Teacher targets: ``dino`` (per level, 2B × K_j, crops swapped) and ``ibot`` (per level, rows × K_j)."""
+        mask_indices = inputs["mask_indices_list"]
+        n_masked = mask_indices.shape[0]
+        with self._autocast():
+            out = self.teacher.backbone.forward_features(inputs["collated_global_crops"])
+            cls_tokens = out["x_norm_clstoken"].chunk(N_GLOBAL_CROPS)
+            cls_tokens = torch.cat(cls_tokens[::-1])
+            n_cls = cls_tokens.shape[0]
+            masked_patches = None
+            if self.do_ibot:
+                masked_patches = _gather_masked(out["x_norm_patchtokens"], mask_indices, inputs["upperbound"])
+            if masked_patches is None:
+                dino_logits, ibot_logits = _as_levels(self.teacher.dino_head(cls_tokens)), None
+            elif self.ibot_separate_head:
+                dino_logits = _as_levels(self.teacher.dino_head(cls_tokens))
+                ibot_logits = _as_levels(self.teacher.ibot_head(masked_patches))
+            else:
+                both = _as_levels(self.teacher.dino_head(torch.cat([cls_tokens, masked_patches])))
+                dino_logits, ibot_logits = _split_levels(both, [n_cls, masked_patches.shape[0]])
+        dino_logits = tuple(t.float() for t in dino_logits)
+        if ibot_logits is not None:
+            ibot_logits = tuple(t.float() for t in ibot_logits)
+
+        if self.centering == "sinkhorn_knopp":
+            dino_targets = self.dino_loss.sinkhorn_knopp_teacher(
+                dino_logits, teacher_temp=teacher_temp, n_global_crops_teacher=N_GLOBAL_CROPS
+            )
+            ibot_targets = None
+            if ibot_logits is not None:
+                rows = n_masked if self.sk_exclude_padding else ibot_logits[0].shape[0]
+                ibot_targets = self.ibot_patch_loss.sinkhorn_knopp_teacher(
+                    tuple(t[:rows] for t in ibot_logits),
+                    teacher_temp=teacher_temp,
+                    n_masked_patches_tensor=inputs["n_masked_patches"],
+                )
+        else:
+            dino_targets = self.dino_loss.softmax_center_teacher(dino_logits, teacher_temp=teacher_temp)
+            self.dino_loss.update_center(dino_logits)
+            ibot_targets = None
+            if ibot_logits is not None:
+                real = tuple(t[:n_masked] for t in ibot_logits)
+                ibot_targets = self.ibot_patch_loss.softmax_center_teacher(real, teacher_temp=teacher_temp)
+                self.ibot_patch_loss.update_center(real)
+        dino_targets = tuple(dino_targets)
+        ibot_targets = None if ibot_targets is None else tuple(t[:n_masked] for t in ibot_targets)
+        return {"dino": dino_targets, "ibot": ibot_targets}
+
+    def get_student_output(self, inputs: dict) -> dict:
+        """Student head outputs per level: ``local_cls``, ``global_cls``, ``masked_patches``; and ``global_cls_tokens``."""
+        global_crops = inputs["collated_global_crops"]
+        mask_indices = inputs["mask_indices_list"]
+        n_masked = mask_indices.shape[0]
+        with self._autocast():
+            if self.n_local_crops > 0:
+                global_out, local_out = self.student.backbone.forward_features(
+                    [global_crops, inputs["collated_local_crops"]], masks=[inputs["collated_masks"], None]
+                )
+                head_inputs = [local_out["x_norm_clstoken"], global_out["x_norm_clstoken"]]
+            else:
+                global_out = self.student.backbone.forward_features(global_crops, masks=inputs["collated_masks"])
+                head_inputs = [global_out["x_norm_clstoken"][:0], global_out["x_norm_clstoken"]]
+            masked_patches = None
+            if self.do_ibot:
+                masked_patches = _gather_masked(global_out["x_norm_patchtokens"], mask_indices, inputs["upperbound"])
+                if not self.ibot_separate_head:
+                    head_inputs.append(masked_patches)
+            sizes = [x.shape[0] for x in head_inputs]
+            chunks = _split_levels(_as_levels(self.student.dino_head(torch.cat(head_inputs))), sizes)
+            if masked_patches is not None and self.ibot_separate_head:
+                chunks.append(_as_levels(self.student.ibot_head(masked_patches)))
+        output = {
+            "local_cls": tuple(t.float() for t in chunks[0]),
+            "global_cls": tuple(t.float() for t in chunks[1]),
+            "masked_patches": None,
+            "global_cls_tokens": global_out["x_norm_clstoken"].float(),
+        }
+        if masked_patches is not None:
+            output["masked_patches"] = tuple(t[:n_masked].float() for t in chunks[2])
+        return output
+
+    def compute_losses(self, teacher_out: dict, student_out: dict, inputs: dict) -> tuple[Tensor, dict[str, Tensor]]:
+        """The objective to back-propagate and the dict of logged loss terms (see the module docstring)."""
+        n_loss_terms = max(self.n_local_crops * N_GLOBAL_CROPS, 1) + N_GLOBAL_CROPS * (N_GLOBAL_CROPS - 1)
+        objective = student_out["global_cls_tokens"].new_zeros(())
+        losses: dict[str, Tensor] = {}
+        if self.do_dino:
+            if self.n_local_crops > 0:
+                local = self.dino_loss(
+                    student_out["local_cls"],
+                    teacher_out["dino"],
+                    n_crops=(self.n_local_crops, N_GLOBAL_CROPS),
+                    teacher_global=False,
+                )
+                losses["dino_local_crops_loss"] = local / n_loss_terms
+                objective = objective + self.dino_loss_weight * losses["dino_local_crops_loss"]
+            glob = self.dino_loss(
+                student_out["global_cls"], teacher_out["dino"], n_crops=N_GLOBAL_CROPS, teacher_global=True
+            )
+            losses["dino_global_crops_loss"] = glob * N_GLOBAL_CROPS / n_loss_terms
+            objective = objective + self.dino_loss_weight * losses["dino_global_crops_loss"]
+        if self.do_koleo:
+            crops = student_out["global_cls_tokens"].chunk(N_GLOBAL_CROPS)
+            koleo = self.koleo_loss_weight * sum(self.koleo_loss(c) for c in crops)
+            losses["koleo_loss"] = koleo / N_GLOBAL_CROPS
+            objective = objective + koleo
+        if self.do_ibot:
+            ibot = self.ibot_patch_loss(
+                student_out["masked_patches"],
+                teacher_out["ibot"],
+                student_masks_flat=inputs["collated_masks"],
+                n_masked_patches=inputs["mask_indices_list"].shape[0],
+                masks_weight=inputs["masks_weight"],
+            )
+            losses["ibot_loss"] = ibot / N_GLOBAL_CROPS
+            objective = objective + self.ibot_loss_weight * ibot
+        return objective, losses
+
+    def backprop_loss(self, loss: Tensor) -> None:
+        """``loss.backward()``, through the grad scaler when there is one."""
+        if self.fp16_scaler is not None:
+            self.fp16_scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def forward_backward(self, batch: dict, teacher_temp: float) -> dict[str, Tensor]:
+        """One step's losses on ``batch`` (output of ``collate_data_and_cast``); gradients land on the student.
+
+        Returns the detached logged terms ``dino_local_crops_loss``, ``dino_global_crops_loss``,
+        ``koleo_loss`` and ``ibot_loss`` (a term whose weight is 0 is left out).
+        """
+        inputs = self._move_batch(batch)
+        teacher_out = self.get_teacher_output(inputs, teacher_temp)
+        student_out = self.get_student_output(inputs)
+        objective, losses = self.compute_losses(teacher_out, student_out, inputs)
+        self.backprop_loss(objective)
+        return {name: value.detach() for name, value in losses.items()}
+
+    # ------------------------------------------------------------------ teacher, optimizer, distribution
+
+    def _paired_parameters(self) -> tuple[list[Tensor], list[Tensor]]:
+        student_params: list[Tensor] = []
+        teacher_params: list[Tensor] = []
+        for key in self.student.keys():
+            s, t = list(self.student[key].parameters()), list(self.teacher[key].parameters())
+            if len(s) != len(t):
+                raise RuntimeError(
+                    f"student and teacher '{key}' have different parameter counts ({len(s)} vs {len(t)})"
+                )
+            student_params += s
+            teacher_params += t
+        return student_params, teacher_params
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """EMA of every student parameter into the teacher: ``t ← m·t + (1 − m)·s``."""
+        student_params, teacher_params = self._paired_parameters()
+        torch._foreach_mul_(teacher_params, momentum)
+        torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
+
+    def get_params_groups(self) -> list[dict]:
+        """AdamW parameter groups of the student (see :mod:`franca.utils.param_groups`)."""
+        groups: list[dict] = []
+        for module in self.student.values():
+            groups += get_params_groups_with_decay(
+                module,
+                lr_decay_rate=self.cfg.optim.layerwise_decay,
+                patch_embed_lr_mult=self.cfg.optim.patch_embed_lr_mult,
+            )
+        fused = fuse_params_groups(groups)
+        for group in fused:
+            group["foreach"] = True
+        return fused
+
+    def prepare_for_distributed_training(self) -> None:
+        """Copy the student into the teacher, then shard both when a process group with several ranks exists.
+
+        In one process this only re-synchronises the teacher. With several ranks the sharding
+        is done by ``franca.fsdp.shard_ssl_meta_arch(self)``.
+        """
+        self.teacher.load_state_dict(self.student.state_dict())
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        from franca import fsdp
+
+        if not hasattr(fsdp, "shard_ssl_meta_arch"):
+            raise RuntimeError("multi-process training needs franca.fsdp.shard_ssl_meta_arch, which is not available")
+        fsdp.shard_ssl_meta_arch(self)

@@ -1,0 +1,92 @@
+"""Feature extraction: order, batching, labels, and sharding + gathering across two real processes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils.data import Dataset, TensorDataset
+
+from franca.eval.features import extract_features, shard_indices
+
+
+class _Items(Dataset):
+    """Item i is an image filled with the value i, labelled i % 3 (an int, as datasets return)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return torch.full((3, 2, 2), float(i)), i % 3
+
+
+def _pixel_mean(images: torch.Tensor) -> torch.Tensor:
+    return torch.stack([images.mean(dim=(1, 2, 3)), -images.mean(dim=(1, 2, 3))], dim=1)
+
+
+def test_shards_cover_every_index_once():
+    for n, w in [(10, 3), (7, 2), (1, 4), (8, 8)]:
+        parts = [list(shard_indices(n, r, w)) for r in range(w)]
+        assert sorted(i for p in parts for i in p) == list(range(n))
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 64])
+def test_features_in_dataset_order_whatever_the_batching(batch_size):
+    features, labels = extract_features(_pixel_mean, _Items(10), batch_size=batch_size)
+    assert features.dtype == torch.float32 and labels.dtype == torch.int64
+    torch.testing.assert_close(features[:, 0], torch.arange(10.0))
+    assert labels.tolist() == [i % 3 for i in range(10)]
+
+
+def test_model_runs_in_eval_mode_without_gradients():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.9), torch.nn.Linear(12, 4)).train()
+    data = TensorDataset(torch.randn(6, 3, 2, 2), torch.zeros(6, dtype=torch.long))
+    first, _ = extract_features(model, data, batch_size=4)
+    second, _ = extract_features(model, data, batch_size=2)
+    assert not model.training and not first.requires_grad
+    torch.testing.assert_close(first, second)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="the dataset is empty"):
+        extract_features(_pixel_mean, _Items(0), batch_size=2)
+    with pytest.raises(TypeError, match="the feature model must return a tensor"):
+        extract_features(lambda x: {"x": x}, _Items(2), batch_size=2)
+
+
+def _worker(rank: int, world_size: int, init_file: str, n: int, results: dict) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+        gathered = extract_features(_pixel_mean, _Items(n), batch_size=2)
+        local = extract_features(_pixel_mean, _Items(n), batch_size=2, gather=False)
+        results[rank] = (gathered, local)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("n", [7, 1])
+def test_two_processes_shard_and_gather(tmp_path, n):
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    with mp.Manager() as manager:
+        results = manager.dict()
+        init_file = str(tmp_path / "rendezvous")
+        os.environ.pop("RANK", None)
+        mp.spawn(_worker, args=(2, init_file, n, results), nprocs=2, join=True)
+        results = dict(results)
+    expected, expected_labels = extract_features(_pixel_mean, _Items(n), batch_size=n)
+    for rank in (0, 1):
+        (features, labels), (local_features, local_labels) = results[rank]
+        torch.testing.assert_close(features, expected)  # every rank holds the whole, ordered dataset
+        assert torch.equal(labels, expected_labels)
+        share = list(shard_indices(n, rank, 2))
+        torch.testing.assert_close(local_features, expected[share].reshape(len(share), 2))
+        assert local_labels.tolist() == expected_labels[share].tolist()
