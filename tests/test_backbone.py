@@ -181,6 +181,11 @@ def test_drop_path_is_identity_at_eval_and_active_in_training():
             torch.manual_seed(1)
             trained = dropped.train()(x)
         assert not torch.allclose(trained, reference(x))
+        crops = [torch.randn(4, 3, 28, 28), torch.randn(3, 3, 28, 42)]
+        outputs = dropped.train().forward_features(crops)
+        assert [o["x_prenorm"].shape for o in outputs] == [(4, 5, 64), (3, 7, 64)]
+        sum(o["x_norm_clstoken"].sum() for o in outputs).backward()
+        assert dropped.blocks[-1].attn.qkv.weight.grad is not None
     assert [b.sample_drop_ratio for b in tiny_reference_model(0, drop_path_rate=0.3).block_list()] == pytest.approx(
         [0.0, 0.1, 0.2, 0.3]
     )
@@ -354,3 +359,14 @@ def test_build_model_from_cfg(monkeypatch):
     with torch.device("meta"):
         student, _, _ = build_model(_student_cfg(arch="vit_large_memeff").student, img_size=224)
     assert student.embed_dim == 1024 and next(student.parameters()).is_meta
+
+
+def test_final_norm_sees_batch_token_channel_tensors():
+    """A replaced final norm (e.g. a RASA-folded one) gets (B, N, D) per crop batch, also for a list of crops."""
+    model = _random_tiny(num_register_tokens=1).eval()
+    shapes = []
+    model.norm.register_forward_hook(lambda module, args, out: shapes.append(tuple(args[0].shape)))
+    with torch.no_grad():
+        model.forward_features([torch.randn(2, 3, 28, 28), torch.randn(3, 3, 56, 56)])
+        model.get_intermediate_layers(torch.randn(1, 3, 28, 42), n=2)
+    assert shapes == [(2, 6, 64), (3, 18, 64), (1, 8, 64), (1, 8, 64)]

@@ -1,13 +1,9 @@
-"""Feature extraction: order, batching, labels, and sharding + gathering across two real processes."""
+"""Feature extraction: order, batching, labels, shards (two real processes: test_eval_distributed.py)."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.utils.data import Dataset, TensorDataset
 
 from franca.eval.features import extract_features, shard_indices
@@ -59,34 +55,3 @@ def test_bad_inputs():
         extract_features(_pixel_mean, _Items(0), batch_size=2)
     with pytest.raises(TypeError, match="the feature model must return a tensor"):
         extract_features(lambda x: {"x": x}, _Items(2), batch_size=2)
-
-
-def _worker(rank: int, world_size: int, init_file: str, n: int, results: dict) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        torch.set_num_threads(1)
-        gathered = extract_features(_pixel_mean, _Items(n), batch_size=2)
-        local = extract_features(_pixel_mean, _Items(n), batch_size=2, gather=False)
-        results[rank] = (gathered, local)
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.parametrize("n", [7, 1])
-def test_two_processes_shard_and_gather(tmp_path, n):
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
-    with mp.Manager() as manager:
-        results = manager.dict()
-        init_file = str(tmp_path / "rendezvous")
-        os.environ.pop("RANK", None)
-        mp.spawn(_worker, args=(2, init_file, n, results), nprocs=2, join=True)
-        results = dict(results)
-    expected, expected_labels = extract_features(_pixel_mean, _Items(n), batch_size=n)
-    for rank in (0, 1):
-        (features, labels), (local_features, local_labels) = results[rank]
-        torch.testing.assert_close(features, expected)  # every rank holds the whole, ordered dataset
-        assert torch.equal(labels, expected_labels)
-        share = list(shard_indices(n, rank, 2))
-        torch.testing.assert_close(local_features, expected[share].reshape(len(share), 2))
-        assert local_labels.tolist() == expected_labels[share].tolist()

@@ -44,7 +44,9 @@ def test_each_classifier_sees_the_dinov2_input(registers):
         shared = IntermediateLayerFeatures(model, 4)(images)
         outputs = model.get_intermediate_layers(images, 4, return_class_token=True)
     assert shared.shape == (3, 5 * 32)
-    grid, groups = build_classifier_grid(32, num_classes=5, learning_rates=[1e-3], n_last_blocks_list=[1, 4], lr_scale=2.0)
+    grid, groups = build_classifier_grid(
+        32, num_classes=5, learning_rates=[1e-3], n_last_blocks_list=[1, 4], lr_scale=2.0
+    )
     assert list(grid) == [classifier_name(n, a, 2e-3) for n in (1, 4) for a in (False, True)]
     assert [g["lr"] for g in groups] == [2e-3] * 4
     for head in grid.values():

@@ -29,8 +29,18 @@ def _features_with_signal_in(coords: slice, n: int, dim: int, seed: int) -> tupl
 
 def test_truncation_keeps_the_leading_coordinates():
     dims = nested_dims(64)
-    front = truncated_knn(*_features_with_signal_in(slice(0, 8), 60, 64, 0), *_features_with_signal_in(slice(0, 8), 60, 64, 1), dims, nb_knn=[10])
-    back = truncated_knn(*_features_with_signal_in(slice(32, 64), 60, 64, 0), *_features_with_signal_in(slice(32, 64), 60, 64, 1), dims, nb_knn=[10])
+    front = truncated_knn(
+        *_features_with_signal_in(slice(0, 8), 60, 64, 0),
+        *_features_with_signal_in(slice(0, 8), 60, 64, 1),
+        dims,
+        nb_knn=[10],
+    )
+    back = truncated_knn(
+        *_features_with_signal_in(slice(32, 64), 60, 64, 0),
+        *_features_with_signal_in(slice(32, 64), 60, 64, 1),
+        dims,
+        nb_knn=[10],
+    )
     assert list(front) == [str(m) for m in dims]
     # signal in the first 8 coordinates survives every cut down to 8 features
     assert all(front[str(m)]["10"]["top-1"] == 100.0 for m in (64, 32, 16, 8))

@@ -171,7 +171,17 @@ def _write_voc(root, n: int) -> None:
         (root / "sets" / f"{split}.txt").write_text("\n".join(ids) + "\n")
 
 
-def test_voc_run_without_feature_cache_reports_kmeans_miou(run_dir, tmp_path):
+@pytest.fixture
+def single_thread_faiss():
+    """faiss' OpenMP threads spin badly on a shared 2-core machine; one thread is fast for these tiny clusterings."""
+    faiss = pytest.importorskip("faiss")
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(threads)
+
+
+def test_voc_run_without_feature_cache_reports_kmeans_miou(run_dir, tmp_path, single_thread_faiss):
     _write_voc(tmp_path / "voc", 8)
     out = tmp_path / "out"
     main(

@@ -8,10 +8,10 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from franca.data.collate import collate_data_and_cast
-from franca.data.masking import MaskingGenerator
 
 import franca.models.vision_transformer as vits
+from franca.data.collate import collate_data_and_cast
+from franca.data.masking import MaskingGenerator
 from franca.loss import KoLeoLoss
 from franca.train.ssl_meta_arch import SSLMetaArch
 from franca.utils.config import load_config_file
@@ -337,3 +337,16 @@ def test_overfits_one_fixed_batch():
     assert all(math.isfinite(t) for t in totals)
     assert totals[-1] < 0.8 * totals[0], totals
     assert sum(totals[-5:]) < sum(totals[5:10]), totals  # still falling after the first steps
+
+
+@pytest.mark.parametrize("name", ["train/IN21K/vitb14", "train/IN21K/vitg14", "finetune/vitl14_finetune"])
+def test_shipped_configs_build_the_whole_arch_on_meta(name):
+    cfg = load_config_file(name, ["student.pretrained_weights="])
+    with torch.device("meta"):
+        model = SSLMetaArch(cfg)
+    d = model.embed_dim
+    assert model.student.dino_head.n_prototypes == [131072 * m // d for m in (d // 16, d // 8, d // 4, d // 2, d)]
+    assert set(model.student.keys()) == {"backbone", "dino_head", "ibot_head"}
+    assert any(k.startswith("backbone.blocks.3.") for k in model.teacher.state_dict())
+    groups = model.get_params_groups()
+    assert sum(len(g["params"]) for g in groups) == sum(1 for _ in model.student.parameters())

@@ -16,12 +16,14 @@ probabilities 1.0 / 0.1 / 0.5 take effect as 0.0 / 0.9 / 0.5; that effective beh
 default here. Pass ``blur_probabilities=(1.0, 0.1, 0.5)`` for the BYOL/DINO recipe as written.
 
 What differs is how it is computed: all random numbers of an image are drawn in one call; a
-JPEG opened lazily is decoded at 1/2, 1/4 or 1/8 scale (PIL draft) when every crop of the image
-still downsamples from the reduced image; brightness/contrast/saturation are affine maps on a
-float copy of the crop (clipped to [0, 255] only when a factor can leave the range), hue is the
-exact HSV hue rotation computed without a colour-space round trip, the blur is two 1-D passes,
-and the crop is rounded to 8 bits once at the end (the reference rounds after every PIL
-operation). Crops stay ``uint8`` when ``uint8_crops=True``; :func:`collate_data_and_cast` then
+JPEG opened lazily (``Image.open`` without ``convert``) is decoded at 1/2, 1/4 or 1/8 scale (PIL
+draft) when every crop of the image still has at least its output size in the reduced image; the
+bicubic resize is torch's antialiased uint8 kernel (PIL's filter; within ±1–2 levels of
+``Image.resize``); brightness/contrast/saturation are affine maps on a float copy of the crop
+(clipped to [0, 255] only when a factor can leave the range); hue is the HSV hue rotation on
+8-bit hue levels, as PIL's, without a colour-space round trip; the blur is two 1-D passes; the
+crop is rounded to 8 bits once at the end (the reference rounds after every PIL operation). Crops
+stay ``uint8`` with ``uint8_crops=True``; :func:`collate_data_and_cast` then
 normalises the whole batch at once.
 """
 
@@ -41,7 +43,7 @@ from franca.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, 
 logger = logging.getLogger("franca")
 
 _GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert("L")
-_HUE_OFFSETS = torch.tensor([5.0, 3.0, 1.0]).view(3, 1, 1)  # HSV→RGB phase of R, G, B (in sextants)
+_HUE_OFFSETS = torch.tensor([5.0, 3.0, 1.0])  # HSV→RGB phase of R, G, B (in sextants)
 _BLUR_KERNEL_SIZE = 9
 _BLUR_SIGMA = (0.1, 2.0)
 _JITTER = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.2, "hue": 0.1}
@@ -90,20 +92,27 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     return torch.tensordot(x.new_tensor(_GRAY_WEIGHTS), x, dims=1).unsqueeze(0)
 
 
-def _shift_hue(x: torch.Tensor, sextants: float) -> torch.Tensor:
-    """Rotate the HSV hue of a float RGB crop by ``sextants`` (1 sextant = 60°), keeping S and V.
+def _shift_hue(x: torch.Tensor, steps: int) -> torch.Tensor:
+    """Rotate the HSV hue of a float RGB crop ``(3, H, W)`` by ``steps``/255 of a turn, keeping S and V.
 
-    With V = max, C = max − min and hue h ∈ [0, 6), channel n ∈ (R, G, B) of the result is
-    ``V − C · clamp(min(k, 4 − k), 0, 1)`` with ``k = (h + (5, 3, 1)[n]) mod 6``.
+    As PIL's HSV round trip: the hue h ∈ [0, 6) sextants is quantised to the 8-bit level
+    ``L = ⌊255 h / 6⌋``, shifted to ``(L + steps) mod 256`` and mapped back to ``h' = 6 L' / 255``;
+    channel n ∈ (R, G, B) of the result is ``V − C · clamp(min(k, 4 − k), 0, 1)`` with
+    ``k = (h' + (5, 3, 1)[n]) mod 6``, V = max and C = max − min of the pixel.
     """
-    value, argmax = x.max(0)
-    chroma = value - x.amin(0)
-    diff = x[[1, 2, 0]] - x[[2, 0, 1]]  # (G − B, B − R, R − G): the hue numerator for each argmax
-    hue = diff.gather(0, argmax.unsqueeze(0)).squeeze(0).div_(chroma.clamp(min=1e-6))
-    hue.add_(argmax, alpha=2).add_(sextants)
-    k = (hue + _HUE_OFFSETS).remainder_(6)
-    k = torch.minimum(k, 4 - k).clamp_(0, 1)
-    return value - chroma * k
+    red, green, blue = x.unbind(0)
+    value = torch.maximum(torch.maximum(red, green), blue)
+    chroma = value - torch.minimum(torch.minimum(red, green), blue)
+    scaled_hue = torch.where(
+        value == red,
+        green - blue,
+        torch.where(value == green, (blue - red).add_(chroma, alpha=2), (red - green).add_(chroma, alpha=4)),
+    )
+    hue = scaled_hue.div_(chroma.clamp(min=1e-6)).remainder_(6)
+    level = hue.mul_(255 / 6).long().add_(steps).bitwise_and_(255)
+    phase = (torch.arange(256, dtype=x.dtype) * (6 / 255) + _HUE_OFFSETS.view(3, 1)).remainder_(6)
+    table = torch.minimum(phase, 4 - phase).clamp_(0, 1)  # (3, 256): fraction of C removed per level
+    return value - chroma * table.index_select(1, level.view(-1)).view(x.shape)
 
 
 def _color_jitter(x: torch.Tensor, u: _Uniforms) -> torch.Tensor:
@@ -112,8 +121,7 @@ def _color_jitter(x: torch.Tensor, u: _Uniforms) -> torch.Tensor:
     contrast = u.between(1 - _JITTER["contrast"], 1 + _JITTER["contrast"])
     saturation = u.between(1 - _JITTER["saturation"], 1 + _JITTER["saturation"])
     hue_factor = u.between(-_JITTER["hue"], _JITTER["hue"])
-    # the reference shifts PIL's 8-bit hue channel by int(255 · factor) steps of 1/255 turn
-    hue_sextants = 6 * int(hue_factor * 255) / 255
+    hue_steps = int(hue_factor * 255)  # the reference shifts PIL's 8-bit hue channel by this
     for op in sorted(range(4), key=lambda _: u()):
         if op == 0:
             x.mul_(brightness)
@@ -125,11 +133,12 @@ def _color_jitter(x: torch.Tensor, u: _Uniforms) -> torch.Tensor:
             if contrast > 1:
                 x.clamp_(0, 255)
         elif op == 2:
-            x.mul_(saturation).add_(_gray(x), alpha=1 - saturation)
+            gray = _gray(x)
+            x.mul_(saturation).add_(gray, alpha=1 - saturation)
             if saturation > 1:
                 x.clamp_(0, 255)
-        elif hue_sextants != 0:
-            x = _shift_hue(x, hue_sextants)
+        elif hue_steps != 0:
+            x = _shift_hue(x, hue_steps)
     return x
 
 
@@ -213,7 +222,8 @@ class DataAugmentationDINO:
         width, height = image.size
         boxes = [_crop_box(u, height, width, scale) for _, scale, _, _ in self._crop_specs]
         image, factor = self._decode(image, boxes)
-        crops = [self._render(image, box, factor, spec, u) for box, spec in zip(boxes, self._crop_specs)]
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).unsqueeze(0)  # (1, 3, H, W), HWC memory
+        crops = [self._render(pixels, box, factor, spec, u) for box, spec in zip(boxes, self._crop_specs)]
         if not self.uint8_crops:
             crops = [normalize_uint8(c, mean=self.mean, std=self.std) for c in crops]
         global_crops = crops[:2]
@@ -232,35 +242,28 @@ class DataAugmentationDINO:
         width = image.size[0]
         if self.jpeg_draft and image.format == "JPEG":
             for reduction in (8, 4, 2):
-                if all(
-                    min(h, w) >= reduction * size for (_, _, h, w), (size, *_) in zip(boxes, self._crop_specs)
-                ):
+                if all(min(h, w) >= reduction * size for (_, _, h, w), (size, *_) in zip(boxes, self._crop_specs)):
                     image.draft("RGB", (image.size[0] // reduction, image.size[1] // reduction))
                     break
         if image.mode != "RGB":
             image = image.convert("RGB")
         return image, image.size[0] / width
 
-    def _render(self, image: Image.Image, box, factor: float, spec, u: _Uniforms) -> torch.Tensor:
+    def _render(self, pixels: torch.Tensor, box, factor: float, spec, u: _Uniforms) -> torch.Tensor:
         """One crop: resize, flip, jitter, grayscale, blur, solarise → uint8 ``(3, S, S)``."""
         size, _, blur_p, solarize_p = spec
-        top, left, h, w = box
-        if factor == 1.0:
-            pil = image.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC)
-        else:
-            region = (left * factor, top * factor, (left + w) * factor, (top + h) * factor)
-            pil = image.resize((size, size), Image.BICUBIC, box=region)
-        pixels = np.asarray(pil)
+        top, left, h, w = (round(v * factor) for v in box) if factor != 1.0 else box
+        region = pixels[:, :, top : top + max(h, 1), left : left + max(w, 1)]
+        # antialiased bicubic on uint8 (PIL's separable filter, within ±1 level of Image.resize)
+        crop = F.interpolate(region, size=(size, size), mode="bicubic", antialias=True).squeeze(0)
         if u() < 0.5:
-            pixels = pixels[:, ::-1]
+            crop = crop.flip(-1)
         jitter = u() < _JITTER_P
         grayscale = u() < _GRAYSCALE_P
         sigma = u.between(*_BLUR_SIGMA) if u() < blur_p else None
         solarize = u() < solarize_p
-        if not (jitter or grayscale or sigma):
-            crop = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
-        else:
-            x = torch.from_numpy(pixels.transpose(2, 0, 1).astype(np.float32))
+        if jitter or grayscale or sigma:
+            x = crop.float()
             if jitter:
                 x = _color_jitter(x, u)
             if grayscale:

@@ -29,7 +29,7 @@ from franca import distributed
 from franca.eval.features import extract_features
 from franca.eval.metrics import TopkAccuracy
 from franca.eval.setup import get_args_parser as get_setup_args_parser
-from franca.eval.setup import run_cli, setup_and_build_model
+from franca.eval.setup import get_dataset_args_parser, make_eval_dataset, run_cli, setup_and_build_model
 from franca.eval.utils import check_same_classes, check_val_labels, write_json
 
 logger = logging.getLogger("franca")
@@ -185,7 +185,14 @@ def knn_results(
             keep = sample_per_class(train_labels, n_per_class, seed).to(train_features.device)
             tries.append(
                 knn_classify(
-                    train_features[keep], train_labels[keep], val_features, val_labels, ks, temperature, num_classes, backend
+                    train_features[keep],
+                    train_labels[keep],
+                    val_features,
+                    val_labels,
+                    ks,
+                    temperature,
+                    num_classes,
+                    backend,
                 )
             )
         results[f"{n_per_class} per class"] = {
@@ -250,14 +257,10 @@ def format_results(results: dict[str, dict[str, dict[str, float]]]) -> str:
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parents = [get_setup_args_parser(add_help=False)]
+    parents = [get_setup_args_parser(add_help=False), get_dataset_args_parser()]
     parser = argparse.ArgumentParser(description="Weighted k-NN evaluation", parents=parents, add_help=add_help)
-    parser.add_argument("--train-dataset", dest="train_dataset_str", default="ImageNet:split=TRAIN")
-    parser.add_argument("--val-dataset", dest="val_dataset_str", default="ImageNet:split=VAL")
     parser.add_argument("--nb_knn", nargs="+", type=int, default=[10, 20, 100, 200], help="numbers of neighbours")
     parser.add_argument("--temperature", type=float, default=0.07, help="temperature T of the vote weights exp(s/T)")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass (per process)")
-    parser.add_argument("--num-workers", type=int, default=5, help="data-loading workers per process")
     parser.add_argument("--gather-on-cpu", action="store_true", help="keep the train features in CPU memory")
     parser.add_argument("--n-per-class-list", nargs="+", type=int, default=[-1], help="few-shot sizes; -1 = all")
     parser.add_argument("--n-tries", type=int, default=1, help="random draws per few-shot size")
@@ -266,14 +269,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from franca.data.loaders import make_dataset
-    from franca.data.transforms import make_classification_eval_transform
-
     args = get_args_parser().parse_args(argv)
     setup = setup_and_build_model(args)
-    transform = make_classification_eval_transform()
-    train_dataset = make_dataset(args.train_dataset_str, transform=transform)
-    val_dataset = make_dataset(args.val_dataset_str, transform=transform)
+    train_dataset = make_eval_dataset(args.train_dataset_str, args.crop_size)
+    val_dataset = make_eval_dataset(args.val_dataset_str, args.crop_size)
     results = eval_knn(
         setup.backbone,
         train_dataset,

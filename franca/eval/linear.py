@@ -36,10 +36,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from franca import distributed
+from franca.data.transforms import make_classification_train_transform
 from franca.eval.features import extract_features
 from franca.eval.metrics import TopkAccuracy
 from franca.eval.setup import get_args_parser as get_setup_args_parser
-from franca.eval.setup import run_cli, setup_and_build_model
+from franca.eval.setup import get_dataset_args_parser, make_eval_dataset, run_cli, setup_and_build_model
 from franca.eval.utils import check_same_classes, check_val_labels, write_json
 
 logger = logging.getLogger("franca")
@@ -244,6 +245,7 @@ def run_linear_eval(
     steps_per_epoch = per_rank // step_batch
     lr_scale = step_batch * world_size / 256.0
     embed_dim = model.embed_dim
+    torch.manual_seed(seed)  # identical initial heads on every rank
     classifiers, groups = build_classifier_grid(embed_dim, num_classes, learning_rates, n_last_blocks_list, lr_scale)
     classifiers.to(train_features.device)
     optimizer = torch.optim.SGD(groups, momentum=0.9, weight_decay=0.0)
@@ -311,13 +313,9 @@ def run_linear_eval(
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parents = [get_setup_args_parser(add_help=False)]
+    parents = [get_setup_args_parser(add_help=False), get_dataset_args_parser()]
     parser = argparse.ArgumentParser(description="Linear-probe evaluation", parents=parents, add_help=add_help)
-    parser.add_argument("--train-dataset", dest="train_dataset_str", default="ImageNet:split=TRAIN")
-    parser.add_argument("--val-dataset", dest="val_dataset_str", default="ImageNet:split=VAL")
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=128, help="images per step and process")
-    parser.add_argument("--num-workers", type=int, default=8, help="data-loading workers per process")
     parser.add_argument("--learning-rates", nargs="+", type=float, default=list(DEFAULT_LEARNING_RATES))
     parser.add_argument("--n-last-blocks", nargs="+", type=int, default=list(DEFAULT_N_LAST_BLOCKS))
     parser.add_argument("--eval-period-epochs", type=int, default=1, help="evaluate the grid every N epochs")
@@ -328,21 +326,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --output-dir")
     parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(batch_size=128, num_workers=8)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from franca.data.loaders import make_dataset
-    from franca.data.transforms import make_classification_eval_transform, make_classification_train_transform
-
     args = get_args_parser().parse_args(argv)
     setup = setup_and_build_model(args)
-    eval_transform = make_classification_eval_transform()
-    train_transform = eval_transform if args.no_augmentation else make_classification_train_transform()
+    augmentation = None if args.no_augmentation else make_classification_train_transform(crop_size=args.crop_size)
     results = run_linear_eval(
         setup.backbone,
-        make_dataset(args.train_dataset_str, transform=train_transform),
-        make_dataset(args.val_dataset_str, transform=eval_transform),
+        make_eval_dataset(args.train_dataset_str, args.crop_size, transform=augmentation),
+        make_eval_dataset(args.val_dataset_str, args.crop_size),
         args.output_dir,
         augmented_train=not args.no_augmentation,
         epochs=args.epochs,

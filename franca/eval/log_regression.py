@@ -30,7 +30,7 @@ from franca import distributed
 from franca.eval.features import extract_features
 from franca.eval.metrics import DEFAULT_TOPK, topk_correct
 from franca.eval.setup import get_args_parser as get_setup_args_parser
-from franca.eval.setup import run_cli, setup_and_build_model
+from franca.eval.setup import get_dataset_args_parser, make_eval_dataset, run_cli, setup_and_build_model
 from franca.eval.utils import check_same_classes, check_val_labels, write_json
 
 logger = logging.getLogger("franca")
@@ -176,37 +176,39 @@ def eval_log_regression(
     final = LogisticRegressionProbe(best_c, backend, max_iter, train_dtype).fit(*train)
     accuracy = _accuracy(final, val_f, val_l, num_classes)
     logger.info("log-regression: C=%.6g val top-1 %.2f top-5 %.2f", best_c, accuracy["top-1"], accuracy["top-5"])
-    return {**accuracy, "best_C": best_c, "backend": backend, "held_out_top1": {str(c): s for c, s in held_out_top1.items()}}
+    return {
+        **accuracy,
+        "best_C": best_c,
+        "backend": backend,
+        "held_out_top1": {str(c): s for c, s in held_out_top1.items()},
+    }
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parents = [get_setup_args_parser(add_help=False)]
+    parents = [get_setup_args_parser(add_help=False), get_dataset_args_parser()]
     parser = argparse.ArgumentParser(description="Logistic-regression evaluation", parents=parents, add_help=add_help)
-    parser.add_argument("--train-dataset", dest="train_dataset_str", default="ImageNet:split=TRAIN")
-    parser.add_argument("--val-dataset", dest="val_dataset_str", default="ImageNet:split=VAL")
     parser.add_argument("--finetune-dataset", dest="finetune_dataset_str", default=None, help="held-out set for C")
     parser.add_argument("--finetune-on-val", action="store_true", help="choose C on the val split")
     parser.add_argument("--train-features-device", default="cpu", help="where the solver runs (cpu, cuda)")
     parser.add_argument("--train-dtype", choices=sorted(_DTYPES), default="float64")
     parser.add_argument("--max-train-iters", type=int, default=DEFAULT_MAX_ITER)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--num-workers", type=int, default=5)
+    parser.add_argument(
+        "--c-values", nargs="+", type=float, default=list(DEFAULT_C_VALUES), help="C grid (default: 45 values 1e-6…1e5)"
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from franca.data.loaders import make_dataset
-    from franca.data.transforms import make_classification_eval_transform
-
     args = get_args_parser().parse_args(argv)
     setup = setup_and_build_model(args)
-    transform = make_classification_eval_transform(resize_size=224)
-    finetune = make_dataset(args.finetune_dataset_str, transform=transform) if args.finetune_dataset_str else None
+    datasets = [
+        make_eval_dataset(name, args.crop_size, resize_ratio=1.0) if name else None
+        for name in (args.train_dataset_str, args.val_dataset_str, args.finetune_dataset_str)
+    ]
     results = eval_log_regression(
         setup.backbone,
-        make_dataset(args.train_dataset_str, transform=transform),
-        make_dataset(args.val_dataset_str, transform=transform),
-        finetune_dataset=finetune,
+        *datasets[:2],
+        finetune_dataset=datasets[2],
         finetune_on_val=args.finetune_on_val,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
@@ -215,6 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         train_features_device=args.train_features_device,
         train_dtype=_DTYPES[args.train_dtype],
         max_iter=args.max_train_iters,
+        c_values=args.c_values,
     )
     if distributed.is_main_process():
         write_json(Path(args.output_dir) / RESULTS_FILENAME, results)

@@ -28,7 +28,7 @@ from franca import distributed
 from franca.eval.features import extract_features
 from franca.eval.knn import BACKENDS, knn_classify
 from franca.eval.setup import get_args_parser as get_setup_args_parser
-from franca.eval.setup import run_cli, setup_and_build_model
+from franca.eval.setup import get_dataset_args_parser, make_eval_dataset, run_cli, setup_and_build_model
 from franca.eval.utils import check_same_classes, check_val_labels, write_json
 
 logger = logging.getLogger("franca")
@@ -103,31 +103,23 @@ def eval_matryoshka(
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parents = [get_setup_args_parser(add_help=False)]
+    parents = [get_setup_args_parser(add_help=False), get_dataset_args_parser()]
     parser = argparse.ArgumentParser(description="Matryoshka truncation k-NN", parents=parents, add_help=add_help)
-    parser.add_argument("--train-dataset", dest="train_dataset_str", default="ImageNet:split=TRAIN")
-    parser.add_argument("--val-dataset", dest="val_dataset_str", default="ImageNet:split=VAL")
     parser.add_argument("--nb_knn", nargs="+", type=int, default=[20], help="numbers of neighbours")
     parser.add_argument("--temperature", type=float, default=0.07)
     parser.add_argument("--levels", type=int, default=DEFAULT_LEVELS, help="halvings of d to try (7: d … d/64)")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--num-workers", type=int, default=5)
     parser.add_argument("--gather-on-cpu", action="store_true", help="keep the train features in CPU memory")
     parser.add_argument("--backend", choices=BACKENDS, default="auto", help="nearest-neighbour search")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from franca.data.loaders import make_dataset
-    from franca.data.transforms import make_classification_eval_transform
-
     args = get_args_parser().parse_args(argv)
     setup = setup_and_build_model(args)
-    transform = make_classification_eval_transform()
     results = eval_matryoshka(
         setup.backbone,
-        make_dataset(args.train_dataset_str, transform=transform),
-        make_dataset(args.val_dataset_str, transform=transform),
+        make_eval_dataset(args.train_dataset_str, args.crop_size),
+        make_eval_dataset(args.val_dataset_str, args.crop_size),
         nb_knn=args.nb_knn,
         temperature=args.temperature,
         levels=args.levels,

@@ -20,6 +20,8 @@ import torch
 from omegaconf import DictConfig
 
 from franca import distributed
+from franca.data.loaders import make_dataset
+from franca.data.transforms import make_classification_eval_transform
 from franca.hub.loading import load_backbone_weights
 from franca.models import build_model_from_cfg
 from franca.utils.config import load_config_file
@@ -34,11 +36,33 @@ def get_args_parser(
 ) -> argparse.ArgumentParser:
     """Arguments every evaluation takes: the model (config + weights), the output folder, config overrides."""
     parser = argparse.ArgumentParser(description=description, parents=list(parents), add_help=add_help)
-    parser.add_argument("--config-file", required=True, help="config of the training run (D/config.yaml) or a shipped name")
+    parser.add_argument(
+        "--config-file", required=True, help="config of the training run (D/config.yaml) or a shipped name"
+    )
     parser.add_argument("--pretrained-weights", required=True, help="teacher checkpoint (teacher_checkpoint.pth)")
     parser.add_argument("--output-dir", default=".", help="folder for results and logs (default: %(default)s)")
     parser.add_argument("--opts", nargs="+", default=[], help="config overrides, key=value")
     return parser
+
+
+def get_dataset_args_parser() -> argparse.ArgumentParser:
+    """Arguments of the evaluations on a labelled train/val pair of datasets (``Name:key=value`` strings)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--train-dataset", dest="train_dataset_str", default="ImageNet:split=TRAIN")
+    parser.add_argument("--val-dataset", dest="val_dataset_str", default="ImageNet:split=VAL")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass and process")
+    parser.add_argument("--num-workers", type=int, default=5, help="data-loading workers per process")
+    parser.add_argument("--crop-size", type=int, default=224, help="side of the centre crop fed to the model")
+    return parser
+
+
+def make_eval_dataset(dataset_str: str, crop_size: int = 224, resize_ratio: float = 256 / 224, transform=None):
+    """The dataset ``dataset_str`` with the evaluation transform: resize the short side to
+    ``round(crop_size × resize_ratio)``, centre-crop ``crop_size``, normalise (or ``transform`` if given)."""
+    if transform is None:
+        resize_size = round(crop_size * resize_ratio)
+        transform = make_classification_eval_transform(resize_size=resize_size, crop_size=crop_size)
+    return make_dataset(dataset_str, transform=transform)
 
 
 @dataclass
@@ -73,7 +97,9 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def build_model_for_eval(cfg: DictConfig, pretrained_weights: str | os.PathLike, device: torch.device) -> torch.nn.Module:
+def build_model_for_eval(
+    cfg: DictConfig, pretrained_weights: str | os.PathLike, device: torch.device
+) -> torch.nn.Module:
     """Teacher backbone of ``cfg`` with the checkpoint's backbone weights (strict), frozen, in eval mode."""
     path = Path(pretrained_weights)
     if not path.is_file():

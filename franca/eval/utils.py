@@ -23,7 +23,11 @@ def check_same_classes(train_dataset: Dataset, val_dataset: Dataset) -> None:
         return
     only_train = sorted(set(train_names) - set(val_names))
     only_val = sorted(set(val_names) - set(train_names))
-    detail = f"only in train: {only_train[:5]}, only in val: {only_val[:5]}" if only_train or only_val else "same names, different order"
+    detail = (
+        f"only in train: {only_train[:5]}, only in val: {only_val[:5]}"
+        if only_train or only_val
+        else "same names, different order"
+    )
     raise ValueError(
         f"class mismatch between splits: train has {len(train_names)} classes, val has {len(val_names)} ({detail})"
     )

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
 
+from franca.data.transforms import make_normalize_transform
 from franca.eval.setup import get_args_parser as get_setup_args_parser
 from franca.eval.setup import run_cli, setup_and_build_model
 
@@ -118,8 +119,6 @@ def visualize_pca(
     device: torch.device | None = None,
 ) -> list[Path]:
     """Write one PCA picture per image and a grid of (input, PCA) pairs; returns the per-image files."""
-    from franca.data.transforms import make_normalize_transform
-
     patch = model.patch_size
     side = image_size // patch * patch
     if side < patch:
@@ -163,7 +162,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     setup = setup_and_build_model(args)
     visualize_pca(
-        setup.backbone, args.images, args.output_dir, args.image_size, args.remove_background, args.threshold, setup.device
+        setup.backbone,
+        args.images,
+        args.output_dir,
+        args.image_size,
+        args.remove_background,
+        args.threshold,
+        setup.device,
     )
     return 0
 

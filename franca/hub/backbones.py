@@ -114,7 +114,7 @@ def _make_franca_model(
     weights: Weights | str = Weights.IN21K,
     use_rasa_head: bool = False,
     local_state_dict: str | os.PathLike | None = None,
-    RASA_local_state_dict: str | os.PathLike | None = None,  # noqa: N803 (name kept from the reference API)
+    RASA_local_state_dict: str | os.PathLike | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Build ``arch_name`` with the release settings (overridable by ``kwargs``) and load the requested weights.

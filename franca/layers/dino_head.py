@@ -19,12 +19,54 @@ from torch.nn.init import trunc_normal_
 _PARAMETRIZED_NAMES = {"parametrizations.weight.original0": "weight_g", "parametrizations.weight.original1": "weight_v"}
 
 
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The matmul dtype: the autocast dtype when autocast is on for ``x``'s device, else ``x``'s dtype."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+class _WeightNormLinearFunction(torch.autograd.Function):
+    """``y = (x @ vᵀ) · s`` with ``s = g / ‖v‖`` (per row of v), forward and backward without forming g·v/‖v‖.
+
+    Backward, with ``M = gyᵀ x`` (K × in) and the row dots ``r_k = M_k · v_k`` (= Σ_b gy_bk (x_b · v_k)):
+    ``∂x = (gy · s) v``, ``∂g_k = r_k / ‖v_k‖``, ``∂v_k = s_k (M_k - r_k v_k / ‖v_k‖²)``. Only x, v and the
+    norms are kept for backward (no rows × K tensor); M is the one K × in buffer written, updated in place.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight_v: Tensor, weight_g: Tensor, dtype: torch.dtype) -> Tensor:
+        norms = torch.linalg.vector_norm(weight_v.float(), dim=1, keepdim=True)
+        scale = (weight_g.float() / norms).view(-1)
+        x2d, v = x.reshape(-1, x.shape[-1]).to(dtype), weight_v.to(dtype)
+        ctx.save_for_backward(x2d, v, weight_v, norms, scale)
+        ctx.input_shape, ctx.g_dtype = x.shape, weight_g.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            out = torch.mm(x2d, v.t()).mul_(scale.to(dtype))
+        return out.view(*x.shape[:-1], weight_v.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x2d, v, weight_v, norms, scale = ctx.saved_tensors
+        grad_out = grad_out.reshape(-1, v.shape[0]).to(v.dtype)
+        grad_x = grad_v = grad_g = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(grad_out * scale.to(v.dtype), v).view(ctx.input_shape).to(x2d.dtype)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            grad_m = torch.mm(grad_out.t(), x2d).to(weight_v.dtype)
+            row_dots = torch.einsum("kd,kd->k", grad_m, weight_v).unsqueeze(1)
+            grad_g = (row_dots / norms).to(ctx.g_dtype)
+            grad_v = grad_m.addcmul_(weight_v, row_dots / norms.square(), value=-1).mul_(scale.unsqueeze(1))
+        return grad_x, grad_v, grad_g, None
+
+
 class WeightNormLinear(nn.Module):
     """Bias-free weight-normalised linear layer: ``y = (x @ vᵀ) · (g / ‖v‖)`` with ``‖v‖`` the norm of each row.
 
-    The normalised matrix ``g · v / ‖v‖`` is never materialised: the product uses ``v`` directly and the
-    per-prototype scale ``g / ‖v‖`` multiplies the (rows × K) output, which is the smaller tensor whenever
-    the batch is smaller than the input width (the head case: K up to 131 072, inputs of width 256–384).
+    The normalised matrix ``g · v / ‖v‖`` is never materialised, in forward or backward (see
+    ``_WeightNormLinearFunction``): the product uses ``v`` directly and the per-prototype scale ``g / ‖v‖``
+    multiplies the (rows × K) output in place. Under autocast the products run in the autocast dtype.
     ``weight_g`` starts at 1 and ``weight_v`` as an ``nn.Linear`` weight, like ``weight_norm(nn.Linear)``
     followed by ``weight_g.fill_(1)`` in the reference.
     """
@@ -37,18 +79,13 @@ class WeightNormLinear(nn.Module):
         self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
         nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))
 
-    def scale(self) -> Tensor:
-        """The per-prototype factor ``g / ‖v‖`` (K,)."""
-        return (self.weight_g / torch.linalg.vector_norm(self.weight_v, dim=1, keepdim=True)).view(-1)
-
     @property
     def weight(self) -> Tensor:
         """The effective weight ``g · v / ‖v‖`` (K × in); materialised, so only for inspection or export."""
-        return self.weight_v * self.scale().unsqueeze(1)
+        return self.weight_v * (self.weight_g / torch.linalg.vector_norm(self.weight_v, dim=1, keepdim=True))
 
     def forward(self, x: Tensor) -> Tensor:
-        logits = F.linear(x, self.weight_v)
-        return logits * self.scale().to(logits.dtype)
+        return _WeightNormLinearFunction.apply(x, self.weight_v, self.weight_g, _compute_dtype(x))
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
         # Accept files written with the parametrisation API (``parametrizations.weight.original0/1``).

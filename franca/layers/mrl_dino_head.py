@@ -43,7 +43,9 @@ class MRLDINOHead(nn.Module):
             nesting_list = [in_dim // 16, in_dim // 8, in_dim // 4, in_dim // 2, in_dim]
         nesting_list = [int(m) for m in nesting_list]
         if not nesting_list or min(nesting_list) < 1 or sorted(set(nesting_list)) != nesting_list:
-            raise ValueError(f"MRLDINOHead: nesting_list must be strictly increasing positive widths, got {nesting_list}")
+            raise ValueError(
+                f"MRLDINOHead: nesting_list must be strictly increasing positive widths, got {nesting_list}"
+            )
         if projection not in PROJECTIONS:
             raise ValueError(f"MRLDINOHead: projection must be one of {PROJECTIONS}, got {projection!r}")
         if projection == "slice" and nesting_list[-1] > in_dim:

@@ -23,7 +23,11 @@ class CenteringTeacher(nn.Module):
     """Base of the DINO and iBOT losses: the ``center`` buffer and its softmax-centering methods."""
 
     def __init__(
-        self, loss_name: str, center_shape: tuple[int, ...], n_prototypes_per_level: Sequence[int], center_momentum: float
+        self,
+        loss_name: str,
+        center_shape: tuple[int, ...],
+        n_prototypes_per_level: Sequence[int],
+        center_momentum: float,
     ) -> None:
         super().__init__()
         self._loss_name = loss_name
@@ -48,9 +52,7 @@ class CenteringTeacher(nn.Module):
         levels = as_levels(teacher_output)
         self._check_levels(levels)
         centres = self.center.reshape(-1).split(self.n_prototypes_per_level)
-        targets = tuple(
-            F.softmax(torch.sub(t, c).mul_(1.0 / teacher_temp), dim=-1) for t, c in zip(levels, centres)
-        )
+        targets = tuple(F.softmax(torch.sub(t, c).mul_(1.0 / teacher_temp), dim=-1) for t, c in zip(levels, centres))
         return targets[0] if isinstance(teacher_output, Tensor) else targets
 
     @torch.no_grad()

@@ -78,9 +78,7 @@ def sinkhorn_knopp(
     prototype_scale: list[Tensor] = []
     sample_scale: list[Tensor | None] = [None] * len(levels)
     for iteration in range(n_iterations):
-        column_totals = [
-            e.sum(0) if v is None else torch.mv(e.t(), v) for e, v in zip(exps, sample_scale)
-        ]
+        column_totals = [e.sum(0) if v is None else torch.mv(e.t(), v) for e, v in zip(exps, sample_scale)]
         if distributed:
             column_totals = _all_reduce_levels(column_totals)
         prototype_scale = [t.mul_(e.shape[1]).reciprocal_() for t, e in zip(column_totals, exps)]

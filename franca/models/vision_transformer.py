@@ -233,8 +233,9 @@ class DinoVisionTransformer(nn.Module):
         packed = layout.pack(tokens)
         for block in self.blocks:
             packed = block(packed, layout)
-        prenorm, normed = layout.unpack(packed), layout.unpack(self.norm(packed))
-        return [self._outputs(x, xn, m, use_rasa_head) for x, xn, m in zip(prenorm, normed, masks_list)]
+        # The final norm sees (B, N, D) tokens per crop batch, as in DINOv2 (a replaced norm may depend on position).
+        prenorm = layout.unpack(packed)
+        return [self._outputs(x, self.norm(x), m, use_rasa_head) for x, m in zip(prenorm, masks_list)]
 
     def forward_features(
         self,

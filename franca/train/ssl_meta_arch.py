@@ -109,9 +109,11 @@ class SSLMetaArch(nn.Module):
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
 
-        self.dino_loss = MRLDINOLoss(cfg.dino.head_n_prototypes)
-        ibot_prototypes = cfg.ibot.head_n_prototypes if self.ibot_separate_head else cfg.dino.head_n_prototypes
-        self.ibot_patch_loss = MRLiBOTPatchLoss(ibot_prototypes)
+        dino_head = self.student.dino_head
+        ibot_head = self.student["ibot_head"] if "ibot_head" in self.student else dino_head
+        dino_levels, ibot_levels = self._prototypes_per_level(dino_head), self._prototypes_per_level(ibot_head)
+        self.dino_loss = MRLDINOLoss(dino_levels[-1], n_prototypes_per_level=dino_levels)
+        self.ibot_patch_loss = MRLiBOTPatchLoss(ibot_levels[-1], n_prototypes_per_level=ibot_levels)
         self.koleo_loss = KoLeoLoss()
 
         precision = cfg.compute_precision.student.backbone.mixed_precision.param_dtype
@@ -143,6 +145,10 @@ class SSLMetaArch(nn.Module):
             nesting_list=[d // 16, d // 8, d // 4, d // 2, d],
             projection=self.cfg.dino.mrl_projection,
         )
+
+    def _prototypes_per_level(self, head: nn.Module) -> list[int]:
+        """Prototype count of each output level of ``head`` (one level for a plain DINO head)."""
+        return list(head.n_prototypes) if self.mrl else [head.last_layer.out_features]
 
     # ------------------------------------------------------------------ utilities
 

@@ -37,5 +37,6 @@ def warn_unreadable(source: str, error: BaseException) -> None:
     if source in _reported_sources:
         return
     _reported_sources.add(source)
-    logger.warning("unreadable image %s (%s: %s); using another sample in its place", source, type(error).__name__, error)
-
+    logger.warning(
+        "unreadable image %s (%s: %s); using another sample in its place", source, type(error).__name__, error
+    )

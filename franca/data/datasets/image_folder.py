@@ -41,7 +41,9 @@ class ImageFolder(ExtendedVisionDataset):
             raise FileNotFoundError(f"ImageFolder root {str(folder)!r} does not exist or is not a directory")
         self.classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not self.classes:
-            raise FileNotFoundError(f"ImageFolder root {str(folder)!r} has no class sub-folders (expected ROOT/<class>/<image>)")
+            raise FileNotFoundError(
+                f"ImageFolder root {str(folder)!r} has no class sub-folders (expected ROOT/<class>/<image>)"
+            )
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
         extensions = image_extensions()
         samples: list[tuple[str, int]] = []

@@ -88,7 +88,9 @@ class ImageNet(ExtendedVisionDataset):
         for kind in kinds:
             path = Path(extra) / self._split.extra_name(kind)
             if not path.is_file():
-                raise FileNotFoundError(f"ImageNet index file {path} is missing; create it with: {_dump_command(root, extra)}")
+                raise FileNotFoundError(
+                    f"ImageNet index file {path} is missing; create it with: {_dump_command(root, extra)}"
+                )
         self._entries: np.ndarray | None = None
         self._class_ids: np.ndarray | None = None
         self._class_names: np.ndarray | None = None
@@ -218,9 +220,8 @@ def dump_extra(root: str, extra: str, split: str | _Split) -> int:
     extra_dir = Path(extra)
     _save(extra_dir, split.extra_name("entries"), entries)
     if split.is_labelled:
-        ids = [class_ids[i] for i in range(len(class_ids))]
-        _save(extra_dir, split.extra_name("class-ids"), np.array(ids, dtype=_str_dtype(ids)))
-        labels = [names.get(c, c) for c in ids]
+        _save(extra_dir, split.extra_name("class-ids"), np.array(class_ids, dtype=_str_dtype(class_ids)))
+        labels = [names.get(c, c) for c in class_ids]
         _save(extra_dir, split.extra_name("class-names"), np.array(labels, dtype=_str_dtype(labels)))
     return len(entries)
 
@@ -230,7 +231,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--root", required=True, help="dataset root holding train/, val/, test/ and labels.txt")
     parser.add_argument("--extra", help="folder for the index files (default: the root)")
     parser.add_argument(
-        "--splits", nargs="+", choices=[s.name for s in _Split], help="splits to index (default: every split folder present)"
+        "--splits",
+        nargs="+",
+        choices=[s.name for s in _Split],
+        help="splits to index (default: every split folder present)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

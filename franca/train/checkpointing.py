@@ -1,0 +1,194 @@
+"""Training checkpoints that survive a kill: atomic writes, keep the last N, automatic resume.
+
+A checkpoint ``<save_dir>/model_<iteration:07d>.pth`` holds, for the last *completed* iteration::
+
+    {"iteration": int, "world_size": int, "rng": [per-rank RNG state], <name>: obj.state_dict(), ..., **extra}
+
+where ``<name>`` are the checkpointables given to ``Checkpointer`` (``model``, ``optimizer``,
+``grad_scaler``) and ``extra`` what the caller adds (e.g. ``sampler_advance``). Only tensors and
+primitive containers are stored, so everything is read back with ``torch.load(weights_only=True)``.
+
+A file is written to a hidden temporary name in the same directory, flushed and fsync'ed, then
+``os.replace``'d onto its final name (atomic on POSIX) and the directory is fsync'ed: a process killed
+during a save leaves at worst a stray temporary file, never a truncated ``model_*.pth``, so the newest
+``model_*.pth`` is always complete.
+
+Every rank calls ``state_dict()`` (a sharded engine can gather there), only the main process writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+import franca.distributed as distributed
+
+logger = logging.getLogger("franca")
+
+_CHECKPOINT_RE = re.compile(r"^model_(\d+)\.pth$")
+_TMP_SUFFIX = ".tmp"
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> Any: ...
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj)`` to ``path`` through a temporary file + fsync + ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{_TMP_SUFFIX}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+    return path
+
+
+def checkpoint_path(save_dir: str | os.PathLike, iteration: int) -> Path:
+    return Path(save_dir) / f"model_{iteration:07d}.pth"
+
+
+def list_checkpoints(save_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints in ``save_dir`` as ``(iteration, path)``, oldest first."""
+    directory = Path(save_dir)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _CHECKPOINT_RE.match(p.name))]
+    return sorted(found)
+
+
+def latest_checkpoint(save_dir: str | os.PathLike) -> Path | None:
+    checkpoints = list_checkpoints(save_dir)
+    return checkpoints[-1][1] if checkpoints else None
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch CPU and CUDA generator states as tensors and primitives."""
+    version, py_state, gauss = random.getstate()
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return {
+        "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": gauss},
+        "numpy": {
+            "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_gauss),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": cuda,
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of ``capture_rng_state``."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_rng_states() -> list[dict[str, Any]]:
+    """Every rank's RNG state, indexed by rank (collective when a process group exists)."""
+    state = capture_rng_state()
+    if not distributed.is_enabled():
+        return [state]
+    states: list[Any] = [None] * distributed.get_world_size()
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+class Checkpointer:
+    """Save / resume ``checkpointables`` (objects with ``state_dict`` / ``load_state_dict``) in ``save_dir``.
+
+    Args:
+        save_dir: directory of the ``model_<iteration>.pth`` files.
+        max_to_keep: after each save only the newest ``max_to_keep`` checkpoints stay (>= 1).
+        checkpointables: e.g. ``model=..., optimizer=..., grad_scaler=...`` (None values are skipped).
+    """
+
+    def __init__(self, save_dir: str | os.PathLike, *, max_to_keep: int = 2, **checkpointables: Stateful | None):
+        if max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
+        reserved = {"iteration", "world_size", "rng"} & checkpointables.keys()
+        if reserved:
+            raise ValueError(f"checkpointable names {sorted(reserved)} are reserved")
+        self.save_dir = Path(save_dir)
+        self.max_to_keep = max_to_keep
+        self.checkpointables = {k: v for k, v in checkpointables.items() if v is not None}
+
+    def save(self, iteration: int, **extra: Any) -> Path:
+        """Write the checkpoint of completed iteration ``iteration`` and prune old ones."""
+        data: dict[str, Any] = {name: obj.state_dict() for name, obj in self.checkpointables.items()}
+        data.update(iteration=iteration, world_size=distributed.get_world_size(), rng=gather_rng_states(), **extra)
+        path = checkpoint_path(self.save_dir, iteration)
+        if distributed.is_main_process():
+            atomic_save(data, path)
+            self._prune()
+            logger.info(f"Saved checkpoint {path}")
+        if distributed.is_enabled():
+            torch.distributed.barrier()
+        return path
+
+    def _prune(self) -> None:
+        for _, old in list_checkpoints(self.save_dir)[: -self.max_to_keep]:
+            old.unlink(missing_ok=True)
+        for stray in self.save_dir.glob(f".model_*{_TMP_SUFFIX}"):
+            stray.unlink(missing_ok=True)
+
+    def load(self, path: str | os.PathLike) -> dict[str, Any]:
+        """Load ``path`` into the checkpointables; return the other entries (iteration, rng, extras).
+
+        ``rng`` is returned as *this rank's* state (None when the world size changed) and is not applied:
+        the caller restores it with ``restore_rng_state`` at the point where the saved run stood.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        missing = [name for name in self.checkpointables if name not in data]
+        if missing:
+            raise KeyError(f"checkpoint {path} has no entry {missing[0]!r}")
+        for name, obj in self.checkpointables.items():
+            obj.load_state_dict(data[name])
+        rest = {k: v for k, v in data.items() if k not in self.checkpointables}
+        rng_states = rest.get("rng") or []
+        rank, world_size = distributed.get_rank(), distributed.get_world_size()
+        rest["rng"] = rng_states[rank] if len(rng_states) == world_size else None
+        if rest["rng"] is None:
+            logger.warning(f"{path} was saved by {len(rng_states)} rank(s), now {world_size}: RNG states not resumed")
+        logger.info(f"Loaded checkpoint {path} (iteration {rest.get('iteration')})")
+        return rest
+
+    def resume(self) -> dict[str, Any] | None:
+        """Load the newest checkpoint of ``save_dir``; None when there is none."""
+        path = latest_checkpoint(self.save_dir)
+        return None if path is None else self.load(path)

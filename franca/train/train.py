@@ -1,0 +1,419 @@
+"""The Franca training loop: ``python -m franca.train.train --config-file F --output-dir D [key=value ...]``.
+
+One iteration, in the order of the code below::
+
+    sampler → dataset (decode) → DataAugmentationDINO → collate_data_and_cast (CyclicMask)
+      → SSLMetaArch.forward_backward → finite-loss check → clip → optimizer step → EMA teacher
+      → metrics → teacher export / checkpoint
+
+Schedules (indexed by iteration, ``E = train.OFFICIAL_EPOCH_LENGTH``, ``T = optim.epochs · E``):
+lr cosine from ``optim.lr`` (after the scaling rule) to ``optim.min_lr`` after ``warmup_epochs · E``
+linear warm-up from 0; weight decay cosine ``weight_decay → weight_decay_end``; teacher momentum
+cosine ``momentum_teacher → final_momentum_teacher``; teacher temperature linear
+``warmup_teacher_temp → teacher_temp`` over ``warmup_teacher_temp_epochs · E`` then constant;
+last-layer lr = lr but 0 for the first ``freeze_last_layer_epochs · E`` iterations.
+
+Outputs in ``D``: ``config.yaml``, ``log.txt``, ``training_metrics.json`` (JSON lines),
+``model_<it>.pth`` training checkpoints (every ``saveckp_freq · E`` iterations and at the end, the
+last ``train.checkpoint_keep_last`` kept) and ``eval/training_<it>/teacher_checkpoint.pth``
+(``{"teacher": state_dict}``, the release format) every ``evaluation.eval_period_iterations``.
+A run resumes from the newest checkpoint in ``D`` unless ``--no-resume``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import sys
+import zlib
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+import franca.distributed as distributed
+from franca.data.augmentations import DataAugmentationDINO
+from franca.data.collate import collate_data_and_cast
+from franca.data.loaders import default_sampler_type, make_data_loader, make_dataset
+from franca.data.masking import MaskingGenerator
+from franca.logging import MetricLogger, setup_logging
+from franca.train.checkpointing import Checkpointer, atomic_save, list_checkpoints, restore_rng_state
+from franca.train.schedules import CosineScheduler
+from franca.train.ssl_meta_arch import SSLMetaArch
+from franca.utils.config import apply_scaling_rules_to_cfg, get_cfg_from_args, write_config
+
+logger = logging.getLogger("franca")
+
+METRICS_FILE = "training_metrics.json"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or infinite; the message names the iteration and every term."""
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("Franca training", add_help=add_help)
+    parser.add_argument("--config-file", default="", metavar="FILE", help="training YAML or shipped config name")
+    parser.add_argument("--output-dir", "--output_dir", required=True, help="checkpoints, logs and metrics go here")
+    parser.add_argument("--no-resume", action="store_true", help="start from scratch even if D holds checkpoints")
+    parser.add_argument("--log-period", type=int, default=10, help="iterations between metric lines (default 10)")
+    parser.add_argument("--eval-only", action="store_true", help="export the resumed teacher and stop")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides key=value ...")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------- optimisation
+
+
+def build_optimizer(cfg: DictConfig, params_groups: list[dict]) -> torch.optim.AdamW:
+    """AdamW over the student's groups; the fused kernel when every parameter supports it, else foreach."""
+    params = [p for group in params_groups for p in group["params"]]
+    fused = all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in params)
+    groups = [{k: v for k, v in group.items() if k not in ("foreach", "fused")} for group in params_groups]
+    kernel = {"fused": True} if fused else {"foreach": True}
+    return torch.optim.AdamW(groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), **kernel)
+
+
+def build_schedulers(
+    cfg: DictConfig,
+) -> tuple[CosineScheduler, CosineScheduler, CosineScheduler, CosineScheduler, CosineScheduler]:
+    """(lr, wd, momentum, teacher_temp, last_layer_lr) schedules, see the module docstring."""
+    epoch = cfg.train.OFFICIAL_EPOCH_LENGTH
+    total = cfg.optim.epochs * epoch
+    lr = dict(
+        base_value=cfg.optim.lr,
+        final_value=cfg.optim.min_lr,
+        total_iters=total,
+        warmup_iters=cfg.optim.warmup_epochs * epoch,
+        start_warmup_value=0.0,
+    )
+    lr_schedule = CosineScheduler(**lr)
+    wd_schedule = CosineScheduler(cfg.optim.weight_decay, cfg.optim.weight_decay_end, total)
+    momentum_schedule = CosineScheduler(cfg.teacher.momentum_teacher, cfg.teacher.final_momentum_teacher, total)
+    temp_iters = cfg.teacher.warmup_teacher_temp_epochs * epoch
+    teacher_temp_schedule = CosineScheduler(
+        base_value=cfg.teacher.teacher_temp,
+        final_value=cfg.teacher.teacher_temp,
+        total_iters=temp_iters,
+        warmup_iters=temp_iters,
+        start_warmup_value=cfg.teacher.warmup_teacher_temp,
+    )
+    last_layer_lr_schedule = CosineScheduler(**lr)
+    last_layer_lr_schedule.schedule[: cfg.optim.freeze_last_layer_epochs * epoch] = 0.0
+    return lr_schedule, wd_schedule, momentum_schedule, teacher_temp_schedule, last_layer_lr_schedule
+
+
+def apply_optim_scheduler(optimizer: torch.optim.Optimizer, lr: float, wd: float, last_layer_lr: float) -> None:
+    """Set each group's lr (``last_layer_lr`` for prototype layers) and weight decay, times its multipliers."""
+    for group in optimizer.param_groups:
+        group["weight_decay"] = wd * group["wd_multiplier"]
+        group["lr"] = (last_layer_lr if group["is_last_layer"] else lr) * group["lr_multiplier"]
+
+
+def clip_gradients(model: SSLMetaArch, max_norm: float) -> None:
+    """Clip the gradient norm of each student part (backbone, dino_head, ibot_head) separately."""
+    for part in model.student.values():
+        clip = getattr(part, "clip_grad_norm_", None)  # sharded modules clip across ranks themselves
+        if clip is not None:
+            clip(max_norm)
+        else:
+            torch.nn.utils.clip_grad_norm_(part.parameters(), max_norm)
+
+
+def reduce_losses(loss_dict: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Mean of each loss term over ranks, as floats (one all-reduce for all terms)."""
+    names = list(loss_dict)
+    values = torch.stack([loss_dict[name].detach().float() for name in names])
+    if distributed.is_enabled() and distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(values)
+        values /= distributed.get_world_size()
+    return dict(zip(names, values.tolist()))
+
+
+def check_finite(iteration: int, losses: dict[str, float]) -> None:
+    if not all(math.isfinite(v) for v in losses.values()):
+        terms = ", ".join(f"{name}={value:.6g}" for name, value in losses.items())
+        raise NonFiniteLossError(f"non-finite loss at iteration {iteration}: {terms}; stopping")
+
+
+def training_step(
+    model: SSLMetaArch,
+    optimizer: torch.optim.Optimizer,
+    batch: dict,
+    *,
+    iteration: int,
+    teacher_temp: float,
+    momentum: float,
+    clip_grad: float,
+) -> dict[str, float]:
+    """forward_backward → finite check (before any weight changes) → clip → step → EMA; returns the losses."""
+    optimizer.zero_grad(set_to_none=True)
+    losses = reduce_losses(model.forward_backward(batch, teacher_temp=teacher_temp))
+    check_finite(iteration, losses)
+    scaler = model.fp16_scaler
+    if scaler is not None:
+        if clip_grad:
+            scaler.unscale_(optimizer)
+            clip_gradients(model, clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        if clip_grad:
+            clip_gradients(model, clip_grad)
+        optimizer.step()
+    model.update_teacher(momentum)
+    return losses
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def build_data_loader(cfg: DictConfig, sampler_advance: int = 0, input_dtype: torch.dtype = torch.float32):
+    """Dataset → DataAugmentationDINO → collate_data_and_cast with the CyclicMask generator.
+
+    ``sampler_advance`` is the number of samples this rank already consumed (resume).
+    """
+    grid = cfg.crops.global_crops_size // cfg.student.patch_size
+    mask_generator = MaskingGenerator(
+        input_size=(grid, grid),
+        max_num_patches=0.5 * grid * grid,
+        use_block_masking=cfg.train.use_block_masking,
+        use_inverse_block=cfg.train.use_inverse_block,
+        roll=cfg.train.roll,
+        min_aspect=0.3,
+    )
+    augmentation = DataAugmentationDINO(
+        cfg.crops.global_crops_scale,
+        cfg.crops.local_crops_scale,
+        cfg.crops.local_crops_number,
+        global_crops_size=cfg.crops.global_crops_size,
+        local_crops_size=cfg.crops.local_crops_size,
+        uint8_crops=True,
+    )
+    collate_fn = partial(
+        collate_data_and_cast,
+        mask_ratio_tuple=cfg.ibot.mask_ratio_min_max,
+        mask_probability=cfg.ibot.mask_sample_probability,
+        n_tokens=grid * grid,
+        mask_generator=mask_generator,
+        dtype=input_dtype,
+    )
+    dataset = make_dataset(cfg.train.dataset_path, transform=augmentation, target_transform=None)
+    return make_data_loader(
+        dataset=dataset,
+        batch_size=cfg.train.batch_size_per_gpu,
+        num_workers=cfg.train.num_workers,
+        shuffle=True,
+        seed=cfg.train.seed,
+        sampler_type=default_sampler_type(dataset),
+        sampler_advance=sampler_advance,
+        drop_last=True,
+        persistent_workers=cfg.train.num_workers > 0,
+        collate_fn=collate_fn,
+    )
+
+
+def _input_dtype(model: SSLMetaArch) -> torch.dtype:
+    """Batches in the compute dtype on GPU (half the host→device traffic), fp32 on CPU."""
+    return model.compute_dtype if model.device.type == "cuda" else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+
+def save_teacher_checkpoint(model: SSLMetaArch, output_dir: str | os.PathLike, name: str) -> Path:
+    """``D/eval/<name>/teacher_checkpoint.pth`` = ``{"teacher": teacher.state_dict()}`` (release format)."""
+    state = model.teacher.state_dict()  # every rank: a sharded teacher gathers here
+    path = Path(output_dir) / "eval" / name / "teacher_checkpoint.pth"
+    if distributed.is_main_process():
+        atomic_save({"teacher": state}, path)
+        logger.info(f"Saved teacher checkpoint {path}")
+    return path
+
+
+def _truncate_metrics(path: Path, start_iter: int) -> None:
+    """Keep the JSON lines of iterations before ``start_iter`` (drops a line cut by a kill)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("iteration", start_iter) < start_iter:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def _loader_seed(seed: int, rank: int, start_iter: int) -> int:
+    """Seed drawn into the DataLoader's worker seeds: distinct per rank and per (re)start."""
+    return zlib.crc32(f"{seed}:{rank}:{start_iter}".encode())
+
+
+def fix_random_seeds(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+def _initial_state(cfg: DictConfig, model: SSLMetaArch, checkpointer: Checkpointer, resume: bool) -> dict[str, Any]:
+    """Where training starts: a checkpoint of D, else ``MODEL.WEIGHTS``, else scratch / pretrained backbone."""
+    if resume and list_checkpoints(checkpointer.save_dir):
+        state = checkpointer.resume()
+        return {"start_iter": state["iteration"] + 1, **state}
+    if not resume and distributed.is_main_process():
+        for _, stale in list_checkpoints(checkpointer.save_dir):
+            logger.warning(f"--no-resume: removing {stale} of an earlier run")
+            stale.unlink()
+    high_res = cfg.train.high_resolution_finetune
+    if cfg.MODEL.WEIGHTS:
+        weights = torch.load(cfg.MODEL.WEIGHTS, map_location="cpu", weights_only=True)
+        if "model" not in weights:
+            raise KeyError(f"MODEL.WEIGHTS={cfg.MODEL.WEIGHTS} is not a training checkpoint (no 'model' entry)")
+        model.load_state_dict(weights["model"])
+        start_iter = 0 if high_res else int(weights.get("iteration", -1)) + 1
+        logger.info(f"Loaded model weights from {cfg.MODEL.WEIGHTS}, starting at iteration {start_iter}")
+        return {"start_iter": start_iter, "rng": None}
+    if high_res and not cfg.student.pretrained_weights:
+        raise ValueError("train.high_resolution_finetune=true needs student.pretrained_weights (or MODEL.WEIGHTS)")
+    if high_res:
+        logger.info(f"High-resolution fine-tuning from {cfg.student.pretrained_weights}: new optimizer, iteration 0")
+    return {"start_iter": 0, "rng": None}
+
+
+def do_train(cfg: DictConfig, model: SSLMetaArch, resume: bool = True, log_period: int = 10) -> dict[str, float]:
+    """Train ``model`` until ``optim.epochs · OFFICIAL_EPOCH_LENGTH`` iterations; return the mean metrics."""
+    model.train()
+    output_dir = Path(cfg.train.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    optimizer = build_optimizer(cfg, model.get_params_groups())
+    lr_schedule, wd_schedule, momentum_schedule, teacher_temp_schedule, last_layer_lr_schedule = build_schedulers(cfg)
+    epoch_length = cfg.train.OFFICIAL_EPOCH_LENGTH
+    max_iter = cfg.optim.epochs * epoch_length
+    checkpoint_period = max(1, cfg.train.saveckp_freq * epoch_length)
+    eval_period = cfg.evaluation.eval_period_iterations
+    batch_size = cfg.train.batch_size_per_gpu
+
+    checkpointer = Checkpointer(
+        output_dir,
+        max_to_keep=cfg.train.checkpoint_keep_last,
+        model=model,
+        optimizer=optimizer,
+        grad_scaler=model.fp16_scaler,
+    )
+    state = _initial_state(cfg, model, checkpointer, resume)
+    start_iter = state["start_iter"]
+    logger.info(f"Starting training at iteration {start_iter} of {max_iter}")
+    metrics_path = output_dir / METRICS_FILE
+    if distributed.is_main_process():
+        _truncate_metrics(metrics_path, start_iter)
+
+    data_loader = build_data_loader(cfg, sampler_advance=start_iter * batch_size, input_dtype=_input_dtype(model))
+    torch.manual_seed(_loader_seed(cfg.train.seed, distributed.get_rank(), start_iter))
+    batches = iter(data_loader)  # draws the worker seeds from torch's generator: before the RNG restore
+    if state.get("rng") is not None:
+        restore_rng_state(state["rng"])
+
+    metric_logger = MetricLogger(output_file=str(metrics_path))
+    iteration = start_iter
+    for batch in metric_logger.log_every(
+        batches,
+        log_period,
+        "Training",
+        n_iterations=max_iter,
+        start_iteration=start_iter,
+        dump_freq=log_period,
+        samples_per_iteration=batch_size * distributed.get_world_size(),
+    ):
+        lr, wd = lr_schedule[iteration], wd_schedule[iteration]
+        mom, teacher_temp = momentum_schedule[iteration], teacher_temp_schedule[iteration]
+        last_layer_lr = last_layer_lr_schedule[iteration]
+        apply_optim_scheduler(optimizer, lr, wd, last_layer_lr)
+
+        losses = training_step(
+            model,
+            optimizer,
+            batch,
+            iteration=iteration,
+            teacher_temp=teacher_temp,
+            momentum=mom,
+            clip_grad=cfg.optim.clip_grad,
+        )
+
+        metric_logger.update(lr=lr, wd=wd, mom=mom, teacher_temp=teacher_temp, last_layer_lr=last_layer_lr)
+        metric_logger.update(current_batch_size=batch["collated_global_crops"].shape[0] // 2)
+        metric_logger.update(total_loss=sum(losses.values()), **losses)
+
+        done = iteration + 1
+        if eval_period > 0 and done % eval_period == 0:
+            save_teacher_checkpoint(model, output_dir, f"training_{iteration}")
+        if done % checkpoint_period == 0 or done == max_iter:
+            checkpointer.save(iteration, sampler_advance=done * batch_size)
+        iteration = done
+
+    metric_logger.synchronize_between_processes()
+    metric_logger.close()
+    return {name: meter.global_avg for name, meter in metric_logger.meters.items()}
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+
+
+def setup(args: argparse.Namespace) -> DictConfig:
+    """Process group, merged + validated config, logging to ``D/log.txt``, seeds, lr scaling, ``D/config.yaml``."""
+    distributed.enable(overwrite=True)
+    cfg = get_cfg_from_args(args)
+    setup_logging(cfg.train.output_dir, level=logging.INFO)
+    fix_random_seeds(cfg.train.seed + distributed.get_rank())
+    apply_scaling_rules_to_cfg(cfg, distributed.get_world_size())
+    if distributed.is_main_process():
+        write_config(cfg, cfg.train.output_dir)
+    logger.info("command line: %s", " ".join(sys.argv))
+    return cfg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    if args.log_period < 1:
+        raise SystemExit(f"--log-period must be >= 1, got {args.log_period}")
+    try:
+        cfg = setup(args)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+        else:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        model = SSLMetaArch(cfg).to(device)
+        model.prepare_for_distributed_training()
+        if args.eval_only:
+            checkpointer = Checkpointer(cfg.train.output_dir, model=model)
+            state = checkpointer.resume()
+            if state is None:
+                raise FileNotFoundError(f"--eval-only: no checkpoint in {cfg.train.output_dir}")
+            save_teacher_checkpoint(model, cfg.train.output_dir, f"manual_{state['iteration']}")
+            return 0
+        do_train(cfg, model, resume=not args.no_resume, log_period=args.log_period)
+        return 0
+    except NonFiniteLossError as error:
+        logger.error(str(error))
+        return 1
+    finally:
+        distributed.disable()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
