@@ -40,11 +40,14 @@ def test_script_runs_the_evaluation_of_the_checkpoint(tmp_path, script, module, 
     assert done.returncode == 0, done.stderr
     args = (tmp_path / "srun.args").read_text().splitlines()
     assert args[:3] == ["python", "-m", f"franca.eval.{module}"]
-    flags = dict(zip(args[3::2], args[4::2]))
-    assert flags["--config-file"] == "/runs/r1/config.yaml"
-    assert flags["--pretrained-weights"] == "/runs/r1/eval/training_99/teacher_checkpoint.pth"
-    assert flags["--output-dir"] == f"/runs/r1/eval/training_99/{subdir}"
-    assert flags["--train-dataset"] == "ImageFolder:root=/d/train" and flags["--batch-size"] == "64"
+
+    def value(flag: str) -> str:
+        return args[args.index(flag) + 1]
+
+    assert value("--config-file") == "/runs/r1/config.yaml"
+    assert value("--pretrained-weights") == "/runs/r1/eval/training_99/teacher_checkpoint.pth"
+    assert value("--output-dir") == f"/runs/r1/eval/training_99/{subdir}"
+    assert value("--train-dataset") == "ImageFolder:root=/d/train" and value("--batch-size") == "64"
 
 
 @pytest.mark.parametrize("script", ["eval_knn.sh", "eval_linear.sh"])

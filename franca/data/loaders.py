@@ -28,12 +28,12 @@ from franca.data.samplers import EpochSampler, InfiniteSampler
 
 logger = logging.getLogger(__name__)
 
-# name -> (class, required keys, optional keys)
-_DATASETS: dict[str, tuple[type, tuple[str, ...], tuple[str, ...]]] = {
-    "ImageNet": (ImageNet, ("split", "root", "extra"), ()),
-    "ImageNet22k": (ImageNet22k, ("root", "extra"), ()),
-    "LAION": (LAION, ("root",), ()),
-    "ImageFolder": (ImageFolder, ("root",), ()),
+# name -> (class, keys the string must set)
+_DATASETS: dict[str, tuple[type, tuple[str, ...]]] = {
+    "ImageNet": (ImageNet, ("split", "root", "extra")),
+    "ImageNet22k": (ImageNet22k, ("root", "extra")),
+    "LAION": (LAION, ("root",)),
+    "ImageFolder": (ImageFolder, ("root",)),
 }
 
 
@@ -63,15 +63,16 @@ def parse_dataset_str(dataset_str: str) -> tuple[str, dict[str, str]]:
         raise ValueError(
             f"unknown dataset {name!r} in {dataset_str!r}{_closest(name, list(_DATASETS))}; known: {', '.join(_DATASETS)}"
         )
-    _, required, optional = _DATASETS[name]
-    allowed = [*required, *optional]
+    required = _DATASETS[name][1]
     kwargs: dict[str, str] = {}
     for token in tokens:
         key, sep, value = token.partition("=")
         if not sep or not key or not value:
             raise ValueError(f"dataset string {dataset_str!r}: expected key=value after the name, got {token!r}")
-        if key not in allowed:
-            raise ValueError(f"dataset {name} has no key {key!r}{_closest(key, allowed)}; keys: {', '.join(allowed)}")
+        if key not in required:
+            raise ValueError(
+                f"dataset {name} has no key {key!r}{_closest(key, list(required))}; keys: {', '.join(required)}"
+            )
         if key in kwargs:
             raise ValueError(f"dataset string {dataset_str!r} sets {key!r} twice")
         kwargs[key] = value

@@ -138,8 +138,7 @@ def knn_classify(
         scores = weighted_votes(sims, train_labels[idx], nb_knn, temperature, num_classes)
         for k in nb_knn:
             meters[k].update(scores[k], val_labels[start : start + query_chunk])
-    collective_device = train_features.device if train_features.device.type == "cuda" else "cpu"
-    return {k: meters[k].compute(collective_device) for k in nb_knn}
+    return {k: meters[k].compute() for k in nb_knn}
 
 
 def sample_per_class(labels: torch.Tensor, n_per_class: int, seed: int) -> torch.Tensor:

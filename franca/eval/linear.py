@@ -162,8 +162,7 @@ def evaluate_classifiers(
         x, y = features[start : start + chunk], labels[start : start + chunk]
         for name, head in classifiers.items():
             meters[name].update(head(x), y)
-    device = features.device if features.device.type == "cuda" else "cpu"
-    return {name: meter.compute(device) for name, meter in meters.items()}
+    return {name: meter.compute() for name, meter in meters.items()}
 
 
 def _best(accuracies: dict[str, dict[str, float]]) -> str:

@@ -36,10 +36,12 @@ class TopkAccuracy:
         self.correct += topk_correct(scores, labels, self.ks).cpu()
         self.total += labels.numel()
 
-    def compute(self, device: torch.device | str = "cpu") -> dict[str, float]:
+    def compute(self) -> dict[str, float]:
         """``{"top-1": %, "top-5": %}`` over every sample seen by every rank."""
-        counts = torch.cat([self.correct, torch.tensor([float(self.total)], dtype=torch.float64)]).to(device)
+        counts = torch.cat([self.correct, torch.tensor([float(self.total)], dtype=torch.float64)])
         if distributed.is_enabled():
+            on_gpu = torch.distributed.get_backend() == "nccl"  # NCCL reduces CUDA tensors only
+            counts = counts.to(torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
             torch.distributed.all_reduce(counts)
         correct, total = counts[:-1].cpu(), counts[-1].item()
         if total == 0:

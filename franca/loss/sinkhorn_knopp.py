@@ -11,14 +11,16 @@ samples over all ranks: ``B_local · world_size`` by default (DINO) or the all-r
 (iBOT: the number of masked patches, while Q may also hold padding rows).
 
 Both scalings are diagonal, so after any number of steps ``Q = diag(v) · E · diag(u)`` with
-``E = exp((L - max L) / T)``. The iterations therefore only update the vectors u (K) and v (B) with two
+``E = exp(L / T - c)``. The iterations therefore only update the vectors u (K) and v (B) with two
 matrix-vector products each, and the B × K matrix is written once at the end:
 ``u ← 1 / (K · Σ_ranks Eᵀ v)``, ``v ← 1 / (B · E u)`` (without the B in the last step, which is the final
-``· B``). Subtracting the global maximum, and the reference iBOT's initial division of Q by its total,
-multiply Q by one scalar that the first prototype normalisation cancels exactly; the shift keeps exp()
-finite. Across ranks only the prototype totals (one vector for all levels per iteration), the maxima and
-the sample count are all-reduced, so N ranks with b rows each give the rows of 1 rank with N·b rows.
-Nothing is communicated unless ``torch.distributed`` is initialised.
+``· B``). The shift c, like the reference iBOT's initial division of Q by its total, multiplies Q by one
+scalar that the first prototype normalisation cancels exactly. It is ``max(0, max(L)/T - 60)`` (the
+maximum over all levels' ranks): zero for well-scaled logits, which then get exactly the reference's
+``exp(L / T)`` and no extra float32 denormals (several times slower in exp() on CPUs), while larger logits
+no longer overflow. Across ranks only the prototype totals (one vector for all levels per iteration),
+the maxima and the sample count are all-reduced, so N ranks with b rows each give the rows of 1 rank
+with N·b rows. Nothing is communicated unless ``torch.distributed`` is initialised.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+# Largest exponent kept: exp(60) summed over 1e12 rows still fits in float32 (max ~3.4e38).
+_MAX_EXPONENT = 60.0
 
 
 def _distributed() -> bool:
@@ -74,7 +79,8 @@ def sinkhorn_knopp(
         totals_b = [count] * len(levels)
 
     inv_t = 1.0 / temperature
-    exps = [torch.add(-m * inv_t, level, alpha=inv_t).exp_() for m, level in zip(maxima, levels)]
+    shifts = (maxima * inv_t - _MAX_EXPONENT).clamp_(min=0.0)
+    exps = [torch.add(-shift, level, alpha=inv_t).exp_() for shift, level in zip(shifts, levels)]
     prototype_scale: list[Tensor] = []
     sample_scale: list[Tensor | None] = [None] * len(levels)
     for iteration in range(n_iterations):
