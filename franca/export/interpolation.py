@@ -30,7 +30,7 @@ def _cubic(x: Tensor, a: float) -> Tensor:
     """Keys cubic convolution kernel ``c_a(x)`` (zero for ``|x| ≥ 2``)."""
     x = x.abs()
     inner = ((a + 2) * x - (a + 3)) * x * x + 1
-    outer = ((x - 5) * x + 8) * x * a - 4 * a
+    outer = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
     return torch.where(x < 1, inner, torch.where(x < 2, outer, torch.zeros_like(x)))
 
 
@@ -55,13 +55,24 @@ def _antialias_matrix(positions: Tensor, step: Tensor, grid: int) -> Tensor:
     return weights / weights.sum(dim=1, keepdim=True)
 
 
+def _identity(size: int | Tensor, grid: int) -> Tensor:
+    """``(n, M)`` matrix with ones on the diagonal (the identity when ``n = M``)."""
+    return (torch.arange(size)[:, None] == torch.arange(grid)).float()
+
+
 def resize_matrix(size: int | Tensor, grid: int, offset: float, antialias: bool) -> tuple[Tensor, Tensor]:
-    """``(R, n)``: the ``(n × M)`` resize matrix for ``size`` = n outputs, and n as a 0-d float tensor."""
+    """``(R, n)``: the ``(n × M)`` resize matrix for ``size`` = n outputs, and ``n == M`` as a 0-d bool tensor.
+
+    The step ``M/(n + ε)`` is formed in float64 and rounded once, like PyTorch's kernel; the anti-aliased resize
+    leaves an axis whose length does not change untouched (PyTorch skips it).
+    """
     positions = torch.arange(size, dtype=torch.float32)
-    count = torch.ones_like(positions).sum()
-    step = grid / (count + offset)
-    build = _antialias_matrix if antialias else _bicubic_matrix
-    return build(positions, step, grid), count
+    count = torch.ones_like(positions, dtype=torch.float64).sum()
+    step = (grid / (count + offset)).float()
+    same = count == grid
+    if not antialias:
+        return _bicubic_matrix(positions, step, grid), same
+    return torch.where(same, _identity(size, grid), _antialias_matrix(positions, step, grid)), same
 
 
 def interpolate_pos_embed(
@@ -79,13 +90,11 @@ def interpolate_pos_embed(
     dim = pos_embed.shape[-1]
     pos_embed = pos_embed.float()
     table = pos_embed[0, 1:].reshape(grid, grid, dim)
-    row_matrix, row_count = resize_matrix(rows, grid, offset, antialias)
-    col_matrix, col_count = resize_matrix(cols, grid, offset, antialias)
-    unchanged = (row_count == grid) & (col_count == grid)
-    identity_rows = (torch.arange(rows)[:, None] == torch.arange(grid)).float()
-    identity_cols = (torch.arange(cols)[:, None] == torch.arange(grid)).float()
-    row_matrix = torch.where(unchanged, identity_rows, row_matrix)
-    col_matrix = torch.where(unchanged, identity_cols, col_matrix)
+    row_matrix, same_rows = resize_matrix(rows, grid, offset, antialias)
+    col_matrix, same_cols = resize_matrix(cols, grid, offset, antialias)
+    unchanged = same_rows & same_cols
+    row_matrix = torch.where(unchanged, _identity(rows, grid), row_matrix)
+    col_matrix = torch.where(unchanged, _identity(cols, grid), col_matrix)
     # (n_r, M) @ (M, M·D) → (n_r, M, D); then contract the column axis: (n_r, D, M) @ (M, n_c) → (n_r, D, n_c).
     resized = (row_matrix @ table.reshape(grid, grid * dim)).reshape(-1, grid, dim)
     resized = (resized.transpose(1, 2) @ col_matrix.T).permute(0, 2, 1).reshape(1, -1, dim)

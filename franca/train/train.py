@@ -387,9 +387,10 @@ def setup(args: argparse.Namespace) -> DictConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
     if args.log_period < 1:
-        raise SystemExit(f"--log-period must be >= 1, got {args.log_period}")
+        parser.error(f"--log-period must be >= 1, got {args.log_period}")
     try:
         cfg = setup(args)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -411,6 +412,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteLossError as error:
         logger.error(str(error))
         return 1
+    except (ValueError, KeyError, FileNotFoundError) as error:  # bad config, dataset, checkpoint: one line
+        logger.error(f"error: {error.args[0] if error.args else error}")
+        return 2
     finally:
         distributed.disable()
 

@@ -1,0 +1,48 @@
+"""The deployable view of a backbone: one input (the image batch), named token outputs, no mask path.
+
+``ExportableBackbone(backbone)(images)`` returns ``{"cls_token": (B, D), "patch_tokens": (B, N, D)}`` (plus
+``"register_tokens": (B, R, D)`` when the model has R > 0 registers), equal to ``forward_features(images)``'s
+``x_norm_clstoken`` / ``x_norm_patchtokens`` / ``x_norm_regtokens``. A folded RASA norm (``rasa.fold``) is just the
+backbone's ``norm`` and comes along unchanged.
+
+Two things differ from ``forward_features`` so that traced graphs stay valid for every batch size and image size:
+the tokens go through the blocks as one ``(B, T, D)`` tensor (the multi-crop packing reads sizes as Python ints,
+which tracing freezes), and the position embedding is resized by :func:`interpolate_pos_embed`, which keeps the
+resize in the graph. Tokens are laid out as in ``DinoVisionTransformer.prepare_tokens_with_masks``:
+``[cls, registers, patches]``, position embedding added to the class and patch tokens only.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from franca.export.interpolation import interpolate_pos_embed
+
+INPUT_NAME = "images"
+
+
+class ExportableBackbone(nn.Module):
+    """``images (B, 3, H, W)`` → dict of normalised ``cls_token``, ``patch_tokens`` [, ``register_tokens``].
+
+    ``H`` and ``W`` must be multiples of ``backbone.patch_size``; patch tokens are in row-major grid order.
+    """
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone.eval()
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """Output names in graph order."""
+        names = ("cls_token", "patch_tokens")
+        return names + ("register_tokens",) if self.backbone.num_register_tokens else names
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        model = self.backbone
+        batch = images.shape[0]
+        rows = images.shape[-2] // model.patch_size
+        cols = images.shape[-1] // model.patch_size
+        tokens = model.patch_embed(images)
+        tokens = nn.functional.pad(tokens, (0, 0, 1, 0)) + model.cls_token.expand(batch, -1, -1).new_zeros(())
+        tokens = tokens
+        return {}

@@ -1,0 +1,162 @@
+"""The training CLI as a real process: SIGKILL mid-run + automatic resume reproduces the uninterrupted
+losses bit for bit; a NaN loss stops with one line; bad input is one error line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_train_loop import LOSS_KEYS, TINY_ARCH_SOURCE, tiny_overrides
+
+from franca.data.datasets.demo import write_demo_dataset
+from franca.train.checkpointing import list_checkpoints
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# `python -m franca.train.train`, with the tiny test architecture registered first.
+LAUNCH = TINY_ARCH_SOURCE + "\nimport sys\nfrom franca.train.train import main\nsys.exit(main(sys.argv[1:]))\n"
+TIMING_KEYS = ("iter_time", "data_time", "img_per_s", "max_mem_mb")
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory) -> Path:
+    return write_demo_dataset(tmp_path_factory.mktemp("demo"), n_train_per_class=2, n_val_per_class=1, image_size=32)
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_"))}
+    env.update(PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return env
+
+
+def _command(demo_root: Path, output_dir: Path, *extra: str, **overrides) -> list[str]:
+    opts = [o for o in tiny_overrides(demo_root, output_dir, **overrides) if not o.startswith("train.output_dir=")]
+    return [
+        sys.executable,
+        "-c",
+        LAUNCH,
+        "--config-file",
+        "train/cpu_tiny",
+        "--output-dir",
+        str(output_dir),
+        "--log-period",
+        "1",
+        *extra,
+        *opts,
+    ]
+
+
+def _run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _records(output_dir: Path) -> list[dict]:
+    path = output_dir / "training_metrics.json"
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written
+            break
+    return records
+
+
+def _values(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+def test_sigkill_then_resume_reproduces_losses(demo_root, tmp_path):
+    """Two runs side by side: one uninterrupted, one SIGKILLed once it has ≥ 3 iterations and a checkpoint,
+    then restarted with the same command (automatic resume). Every per-iteration value must be identical."""
+    n_iterations, k = 16, 3
+    settings = {"optim.epochs": n_iterations // 2, "train.checkpoint_keep_last": 2, "evaluation.eval_period_iterations": 8}
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    reference = subprocess.Popen(_command(demo_root, full, **settings), cwd=REPO_ROOT, env=_env(),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    victim = subprocess.Popen(_command(demo_root, killed, **settings), cwd=REPO_ROOT, env=_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and victim.poll() is None:
+        if len(_records(killed)) >= k and list_checkpoints(killed):
+            break
+        time.sleep(0.02)
+    assert victim.poll() is None, "the run finished before it could be killed"
+    os.kill(victim.pid, signal.SIGKILL)
+    assert victim.wait(timeout=30) == -signal.SIGKILL
+    done_before_kill = len(_records(killed))
+    assert k <= done_before_kill < n_iterations
+
+    resumed = _run(_command(demo_root, killed, **settings))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _, err = reference.communicate(timeout=240)
+    assert reference.returncode == 0, err[-3000:]
+    last_ckpt_iteration = max(it for it, _ in list_checkpoints(killed))
+    assert last_ckpt_iteration == n_iterations - 1
+
+    expected = _values(_records(full))
+    assert [r["iteration"] for r in expected] == list(range(n_iterations))
+    assert _values(_records(killed)) == expected
+    assert all(set(LOSS_KEYS) <= set(r) for r in expected)
+    log = (killed / "log.txt").read_text()
+    assert "Starting training at iteration 0 of 16" in log
+    assert any(f"Starting training at iteration {it} of 16" in log for it in range(2, done_before_kill + 1, 2))
+
+    a = torch.load(full / "eval" / "training_15" / "teacher_checkpoint.pth", weights_only=True)["teacher"]
+    b = torch.load(killed / "eval" / "training_15" / "teacher_checkpoint.pth", weights_only=True)["teacher"]
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_cli_outputs_then_nan_stop_keeps_checkpoint(demo_root, tmp_path):
+    out = tmp_path / "run"
+    first = _run(_command(demo_root, out, **{"optim.epochs": 1}))
+    assert first.returncode == 0, first.stderr[-3000:]
+    config = (out / "config.yaml").read_text()
+    assert "arch: vit_test_tiny" in config and f"output_dir: {out}" in config
+    assert "lr: 0.0003125" in config  # 5e-3 · sqrt(4 / 1024) written after the scaling rule
+    assert "Saved checkpoint" in (out / "log.txt").read_text()
+    assert [it for it, _ in list_checkpoints(out)] == [1]
+
+    # resume with a teacher temperature so small that the Sinkhorn targets overflow: NaN at iteration 2
+    poisoned = _run(
+        _command(demo_root, out, **{"optim.epochs": 2, "teacher.teacher_temp": 1e-30, "teacher.warmup_teacher_temp": 1e-30})
+    )
+    assert poisoned.returncode == 1
+    lines = [line for line in (poisoned.stdout + poisoned.stderr).splitlines() if "non-finite" in line]
+    assert len(lines) == 1
+    assert "non-finite loss at iteration 2: dino_local_crops_loss=nan" in lines[0]
+    assert "Traceback" not in poisoned.stderr
+    assert [it for it, _ in list_checkpoints(out)] == [1]
+    assert torch.load(out / "model_0000001.pth", weights_only=True)["iteration"] == 1
+
+
+def test_cli_bad_input_is_one_error_line(demo_root, tmp_path):
+    def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+        return [line for line in (result.stdout + result.stderr).splitlines() if "error" in line.lower()]
+
+    bad_key = _run(_command(demo_root, tmp_path / "a", "optim.base_lrr=0.1"))
+    assert bad_key.returncode == 2
+    (line,) = error_lines(bad_key)
+    assert "unknown config key 'optim.base_lrr'" in line and "did you mean 'optim.base_lr'" in line
+
+    bad_period = _run(_command(demo_root, tmp_path / "b", "--log-period", "0"))
+    assert bad_period.returncode == 2
+    assert bad_period.stderr.strip().splitlines()[-1].endswith("error: --log-period must be >= 1, got 0")
+
+    no_ckpt = _run(_command(demo_root, tmp_path / "c", "--eval-only"))
+    assert no_ckpt.returncode == 2
+    (line,) = error_lines(no_ckpt)
+    assert line.endswith(f"error: --eval-only: no checkpoint in {tmp_path / 'c'}")
+
+    no_data = _run(_command(demo_root, tmp_path / "d", **{"train.dataset_path": "ImageFolder:root=/nonexistent/x"}))
+    assert no_data.returncode == 2
+    (line,) = error_lines(no_data)
+    assert "/nonexistent/x" in line
+    assert "Traceback" not in no_data.stderr
