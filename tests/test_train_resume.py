@@ -124,6 +124,12 @@ def test_cli_outputs_then_nan_stop_keeps_checkpoint(demo_root, tmp_path):
     assert "Saved checkpoint" in (out / "log.txt").read_text()
     assert [it for it, _ in list_checkpoints(out)] == [1]
 
+    exported = _run(_command(demo_root, out, "--eval-only", **{"optim.epochs": 1}))
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    manual = torch.load(out / "eval" / "manual_1" / "teacher_checkpoint.pth", weights_only=True)["teacher"]
+    release = torch.load(out / "eval" / "training_1" / "teacher_checkpoint.pth", weights_only=True)["teacher"]
+    assert manual.keys() == release.keys() and all(torch.equal(manual[k], release[k]) for k in manual)
+
     # resume with a teacher temperature so small that the Sinkhorn targets overflow: NaN at iteration 2
     poisoned = _run(
         _command(demo_root, out, **{"optim.epochs": 2, "teacher.teacher_temp": 1e-30, "teacher.warmup_teacher_temp": 1e-30})
@@ -146,17 +152,20 @@ def test_cli_bad_input_is_one_error_line(demo_root, tmp_path):
     (line,) = error_lines(bad_key)
     assert "unknown config key 'optim.base_lrr'" in line and "did you mean 'optim.base_lr'" in line
 
-    bad_period = _run(_command(demo_root, tmp_path / "b", "--log-period", "0"))
-    assert bad_period.returncode == 2
-    assert bad_period.stderr.strip().splitlines()[-1].endswith("error: --log-period must be >= 1, got 0")
-
-    no_ckpt = _run(_command(demo_root, tmp_path / "c", "--eval-only"))
-    assert no_ckpt.returncode == 2
-    (line,) = error_lines(no_ckpt)
-    assert line.endswith(f"error: --eval-only: no checkpoint in {tmp_path / 'c'}")
-
     no_data = _run(_command(demo_root, tmp_path / "d", **{"train.dataset_path": "ImageFolder:root=/nonexistent/x"}))
     assert no_data.returncode == 2
     (line,) = error_lines(no_data)
     assert "/nonexistent/x" in line
     assert "Traceback" not in no_data.stderr
+
+
+def test_cli_argument_errors(tmp_path, capsys):
+    from franca.train.train import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--output-dir", str(tmp_path), "--log-period", "0"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("error: --log-period must be >= 1, got 0")
+    with pytest.raises(SystemExit):
+        main(["--config-file", "train/cpu_tiny"])
+    assert "the following arguments are required: --output-dir" in capsys.readouterr().err

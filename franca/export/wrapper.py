@@ -14,6 +14,7 @@ resize in the graph. Tokens are laid out as in ``DinoVisionTransformer.prepare_t
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from franca.export.interpolation import interpolate_pos_embed
@@ -42,7 +43,18 @@ class ExportableBackbone(nn.Module):
         batch = images.shape[0]
         rows = images.shape[-2] // model.patch_size
         cols = images.shape[-1] // model.patch_size
-        tokens = model.patch_embed(images)
-        tokens = nn.functional.pad(tokens, (0, 0, 1, 0)) + model.cls_token.expand(batch, -1, -1).new_zeros(())
-        tokens = tokens
-        return {}
+        tokens = torch.cat((model.cls_token.expand(batch, -1, -1), model.patch_embed(images)), dim=1)
+        pos_embed = interpolate_pos_embed(
+            model.pos_embed, rows, cols, model.interpolate_offset, model.interpolate_antialias
+        )
+        tokens = tokens + pos_embed.to(tokens.dtype)
+        registers = model.num_register_tokens
+        if registers:
+            tokens = torch.cat((tokens[:, :1], model.register_tokens.expand(batch, -1, -1), tokens[:, 1:]), dim=1)
+        for block in model.block_list():
+            tokens = block(tokens)
+        tokens = model.norm(tokens)
+        outputs = {"cls_token": tokens[:, 0], "patch_tokens": tokens[:, 1 + registers :]}
+        if registers:
+            outputs["register_tokens"] = tokens[:, 1 : 1 + registers]
+        return outputs
