@@ -36,7 +36,10 @@ def _tiny_training_state():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 2))
     optimizer = torch.optim.AdamW(
-        [{"params": model[0].parameters(), "is_last_layer": False}, {"params": model[2].parameters(), "is_last_layer": True}]
+        [
+            {"params": model[0].parameters(), "is_last_layer": False},
+            {"params": model[2].parameters(), "is_last_layer": True},
+        ]
     )
     scaler = torch.amp.GradScaler("cpu", init_scale=128.0)
     return model, optimizer, scaler

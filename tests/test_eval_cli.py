@@ -116,6 +116,20 @@ def test_visualize_pca_cli(run_dir):
         assert picture.size == (40, 40)
 
 
+def test_knn_cli_on_a_checkpoint_written_by_the_trainer(run_dir, tmp_path):
+    from franca.train.ssl_meta_arch import SSLMetaArch
+    from franca.train.train import save_teacher_checkpoint
+
+    cfg = load_config_file(run_dir / "config.yaml")
+    torch.manual_seed(0)
+    checkpoint = save_teacher_checkpoint(SSLMetaArch(cfg), tmp_path, "training_7")
+    args = _common(run_dir, "knn_trainer")
+    args[args.index("--pretrained-weights") + 1] = str(checkpoint)
+    assert knn.main([*args, "--nb_knn", "3"]) == 0
+    results = json.loads((run_dir / "knn_trainer" / knn.RESULTS_FILENAME).read_text())["results"]
+    assert 0.0 <= results["full"]["3"]["top-1"] <= 100.0 and results["full"]["3"]["top-5"] == 100.0
+
+
 def test_class_mismatch_between_splits_is_one_clear_error(run_dir):
     args = _common(run_dir, "mismatch")
     args[args.index("--val-dataset") + 1] = f"ImageFolder:root={run_dir / 'data' / 'val_one_class'}"

@@ -121,7 +121,9 @@ def test_build_schedulers_shapes_and_values(demo_root, tmp_path):
     # lr: linear warm-up 0 -> peak over 20 iterations, then cosine to min_lr
     assert lr[0] == 0.0 and lr[19] == pytest.approx(peak) and lr[20] == pytest.approx(peak)
     assert lr[10] == pytest.approx(peak * 10 / 19)
-    assert lr[60] == pytest.approx(cfg.optim.min_lr + 0.5 * (peak - cfg.optim.min_lr) * (1 + math.cos(math.pi * 40 / 80)))
+    assert lr[60] == pytest.approx(
+        cfg.optim.min_lr + 0.5 * (peak - cfg.optim.min_lr) * (1 + math.cos(math.pi * 40 / 80))
+    )
     assert lr[10_000] == cfg.optim.min_lr
     # last-layer lr: the lr with the first freeze_last_layer_epochs (1) epochs at 0
     assert [last[i] for i in range(10)] == [0.0] * 10
@@ -307,7 +309,9 @@ def test_model_weights_start(demo_root, tmp_path, tiny_arch):
     cfg = _cfg(demo_root, second, **{"optim.epochs": 2, "MODEL.WEIGHTS": str(first / "model_0000001.pth")})
     do_train(cfg, _model(cfg), log_period=1)
     assert [r["iteration"] for r in _records(second)] == [2, 3]
-    cfg = _cfg(demo_root, tmp_path / "third", **{"MODEL.WEIGHTS": str(first / "eval/training_1/teacher_checkpoint.pth")})
+    cfg = _cfg(
+        demo_root, tmp_path / "third", **{"MODEL.WEIGHTS": str(first / "eval/training_1/teacher_checkpoint.pth")}
+    )
     with pytest.raises(KeyError, match="is not a training checkpoint"):
         do_train(cfg, _model(cfg))
 
@@ -317,3 +321,32 @@ def test_metrics_truncation_drops_cut_lines(tmp_path):
     path.write_text('{"iteration": 0}\n{"iteration": 1}\n{"iteration": 2}\n{"iterat')
     train_module._truncate_metrics(path, 2)
     assert path.read_text() == '{"iteration": 0}\n{"iteration": 1}\n'
+
+
+def test_modify_ckpt_highres_resizes_pos_embed(tmp_path):
+    script = _load_script("modify_ckpt_highres")
+    grid = torch.arange(16.0).reshape(1, 4, 4, 1).expand(1, 4, 4, 3).reshape(1, 16, 3)
+    pos_embed = torch.cat([torch.full((1, 1, 3), -7.0), grid], dim=1)
+    assert torch.allclose(script.resize_pos_embed(pos_embed, 4), pos_embed, atol=1e-5)  # same grid: unchanged
+    resized = script.resize_pos_embed(pos_embed, 8)
+    assert resized.shape == (1, 65, 3)
+    assert torch.equal(resized[:, 0], pos_embed[:, 0])  # class position kept
+    rows = resized[0, 1:, 0].reshape(8, 8)
+    assert torch.all(rows[:, 1:] >= rows[:, :-1]) and torch.all(rows[1:] >= rows[:-1])  # the ramp stays a ramp
+    with pytest.raises(ValueError, match="15 patch positions, not a square grid"):
+        script.resize_pos_embed(pos_embed[:, :16], 8)
+
+    source = tmp_path / "teacher.pth"
+    torch.save({"teacher": {"backbone.pos_embed": pos_embed, "backbone.cls_token": torch.ones(1, 1, 3)}}, source)
+    sizes = ["--target_img_size=112", "--target_patch_size=14"]
+    out = script.main([f"--checkpoint_path={source}", f"--output_path={tmp_path / 'o' / 'hr.pth'}", *sizes])
+    converted = torch.load(out, weights_only=True)["teacher"]
+    assert converted["backbone.pos_embed"].shape == (1, 65, 3)
+    assert torch.equal(converted["backbone.cls_token"], torch.ones(1, 1, 3))
+
+    with pytest.raises(FileNotFoundError, match="checkpoint file not found"):
+        script.main([f"--checkpoint_path={tmp_path / 'missing.pth'}", f"--output_path={tmp_path / 'x.pth'}"])
+    with pytest.raises(KeyError, match="has no 'model' entry; entries: teacher"):
+        script.main([f"--checkpoint_path={source}", f"--output_path={tmp_path / 'x.pth'}", "--teacher_key=model"])
+    with pytest.raises(ValueError, match="518 is not a multiple of target_patch_size 16"):
+        script.main([f"--checkpoint_path={source}", f"--output_path={tmp_path / 'x.pth'}", "--target_patch_size=16"])

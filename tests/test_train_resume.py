@@ -56,6 +56,12 @@ def _run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
+def _start(cmd: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        cmd, cwd=REPO_ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+
+
 def _records(output_dir: Path) -> list[dict]:
     path = output_dir / "training_metrics.json"
     if not path.exists():
@@ -77,12 +83,14 @@ def test_sigkill_then_resume_reproduces_losses(demo_root, tmp_path):
     """Two runs side by side: one uninterrupted, one SIGKILLed once it has ≥ 3 iterations and a checkpoint,
     then restarted with the same command (automatic resume). Every per-iteration value must be identical."""
     n_iterations, k = 16, 3
-    settings = {"optim.epochs": n_iterations // 2, "train.checkpoint_keep_last": 2, "evaluation.eval_period_iterations": 8}
+    settings = {
+        "optim.epochs": n_iterations // 2,
+        "train.checkpoint_keep_last": 2,
+        "evaluation.eval_period_iterations": 8,
+    }
     full, killed = tmp_path / "full", tmp_path / "killed"
-    reference = subprocess.Popen(_command(demo_root, full, **settings), cwd=REPO_ROOT, env=_env(),
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    victim = subprocess.Popen(_command(demo_root, killed, **settings), cwd=REPO_ROOT, env=_env(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    reference = _start(_command(demo_root, full, **settings))
+    victim = _start(_command(demo_root, killed, **settings))
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and victim.poll() is None:
         if len(_records(killed)) >= k and list_checkpoints(killed):
@@ -91,6 +99,7 @@ def test_sigkill_then_resume_reproduces_losses(demo_root, tmp_path):
     assert victim.poll() is None, "the run finished before it could be killed"
     os.kill(victim.pid, signal.SIGKILL)
     assert victim.wait(timeout=30) == -signal.SIGKILL
+    victim.stderr.close()
     done_before_kill = len(_records(killed))
     assert k <= done_before_kill < n_iterations
 
@@ -132,7 +141,9 @@ def test_cli_outputs_then_nan_stop_keeps_checkpoint(demo_root, tmp_path):
 
     # resume with a teacher temperature so small that the Sinkhorn targets overflow: NaN at iteration 2
     poisoned = _run(
-        _command(demo_root, out, **{"optim.epochs": 2, "teacher.teacher_temp": 1e-30, "teacher.warmup_teacher_temp": 1e-30})
+        _command(
+            demo_root, out, **{"optim.epochs": 2, "teacher.teacher_temp": 1e-30, "teacher.warmup_teacher_temp": 1e-30}
+        )
     )
     assert poisoned.returncode == 1
     lines = [line for line in (poisoned.stdout + poisoned.stderr).splitlines() if "non-finite" in line]

@@ -133,7 +133,9 @@ def _check_ranks(env: DistributedEnvironment) -> DistributedEnvironment:
     if not 0 <= env.rank < env.world_size:
         raise ValueError(f"{env.source}: rank {env.rank} is outside world size {env.world_size}")
     if not 0 <= env.local_rank < env.local_world_size:
-        raise ValueError(f"{env.source}: local rank {env.local_rank} is outside local world size {env.local_world_size}")
+        raise ValueError(
+            f"{env.source}: local rank {env.local_rank} is outside local world size {env.local_world_size}"
+        )
     return env
 
 

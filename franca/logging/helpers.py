@@ -108,7 +108,9 @@ class MetricLogger:
         self.meters: defaultdict[str, SmoothedValue] = defaultdict(SmoothedValue)
         self.delimiter = delimiter
         self.output_file = output_file
-        self._tensorboard = _open_tensorboard(tensorboard_dir) if tensorboard_dir and distributed.is_main_process() else None
+        self._tensorboard = (
+            _open_tensorboard(tensorboard_dir) if tensorboard_dir and distributed.is_main_process() else None
+        )
 
     def update(self, **values: float | int | torch.Tensor) -> None:
         for name, value in values.items():
