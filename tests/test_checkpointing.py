@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -185,3 +187,58 @@ def test_sigkill_during_saves_never_breaks_latest(tmp_path):
             data = torch.load(path, weights_only=True)
             assert data["iteration"] == iteration
             assert torch.all(data["model"]["w"] == float(iteration))
+
+
+# Two gloo ranks: each seeds its RNG differently, saves (rank 0 writes), draws, then loads and must
+# see its *own* stream again; parameters are identical across ranks and round-trip too.
+TWO_RANKS = """
+import json, random, sys, torch
+import franca.distributed as d
+from franca.train.checkpointing import Checkpointer, restore_rng_state
+d.enable(overwrite=True)
+rank = d.get_rank()
+torch.manual_seed(0)
+model = torch.nn.Linear(3, 2)
+random.seed(100 + rank)
+torch.manual_seed(200 + rank)
+ckpt = Checkpointer(sys.argv[1], model=model)
+ckpt.save(7)
+expected = [random.random(), torch.rand(1).item()]
+with torch.no_grad():
+    model.weight.zero_()
+extra = ckpt.resume()
+restore_rng_state(extra["rng"])
+got = [random.random(), torch.rand(1).item()]
+print(json.dumps({"rank": rank, "same_stream": got == expected, "weight_sum": model.weight.sum().item(),
+                  "world_size": extra["world_size"]}), flush=True, force=True)
+d.disable()
+"""
+
+
+def test_two_ranks_save_once_and_resume_each_rank_stream(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    base = {
+        k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_", "MASTER_"))
+    }
+    procs = []
+    for rank in range(2):
+        env = dict(base, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", RANK=str(rank), WORLD_SIZE="2")
+        env.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", TWO_RANKS, str(tmp_path)], env=env, stdout=subprocess.PIPE, text=True
+            )
+        )
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    records = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+    torch.manual_seed(0)
+    weight_sum = torch.nn.Linear(3, 2).weight.sum().item()
+    for rank, record in enumerate(records):
+        assert record == {"rank": rank, "same_stream": True, "weight_sum": weight_sum, "world_size": 2}
+    saved = torch.load(tmp_path / "model_0000007.pth", weights_only=True)
+    assert len(saved["rng"]) == 2
+    assert not torch.equal(saved["rng"][0]["torch"], saved["rng"][1]["torch"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_0000007.pth"]

@@ -69,6 +69,9 @@ def export_backbone(
         require_onnx()
         check_opset(opset)
     check_image_size(img_size, backbone.patch_size, dynamic_size)
+    devices = {parameter.device.type for parameter in backbone.parameters()}
+    if devices != {"cpu"}:
+        raise ValueError(f"export a CPU model (call .cpu() first); the backbone's parameters are on {sorted(devices)}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     module = ExportableBackbone(backbone)

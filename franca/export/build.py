@@ -68,11 +68,12 @@ def _checkpoint_img_size(state_dict: Mapping[str, Tensor], patch_size: int) -> i
 
 
 def _build(config: dict[str, Any], model_args: dict[str, Any], state_dict: Mapping[str, Tensor]) -> nn.Module:
-    """``build_model`` with ``config`` (``cfg.student`` keys) updated by ``model_args``; other args go to the builder."""
+    """``build_model`` with the ``cfg.student`` settings ``config``; ``model_args`` override a setting of
+    ``HUB_BACKBONE_CONFIG``'s keys or go to the builder as keywords."""
     config = dict(config)
     builder_kwargs = {}
     for key, value in model_args.items():
-        if key in config:
+        if key in hub.HUB_BACKBONE_CONFIG:
             config[key] = value
         else:
             builder_kwargs[key] = value

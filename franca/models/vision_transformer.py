@@ -324,3 +324,8 @@ def vit_large(patch_size: int = 16, num_register_tokens: int = 0, **kwargs) -> D
 def vit_giant2(patch_size: int = 16, num_register_tokens: int = 0, **kwargs) -> DinoVisionTransformer:
     """ViT-g (DINOv2 variant): width 1536, 40 blocks, 24 heads of 64 channels."""
     return _vit({"embed_dim": 1536, "depth": 40, "num_heads": 24}, patch_size, num_register_tokens, kwargs)
+
+
+def vit_pico(patch_size: int = 16, num_register_tokens: int = 0, **kwargs) -> DinoVisionTransformer:
+    """ViT-pico (CPU demo and tests, not a released size): width 128, 6 blocks, 4 heads."""
+    return _vit({"embed_dim": 128, "depth": 6, "num_heads": 4}, patch_size, num_register_tokens, kwargs)

@@ -13,11 +13,20 @@ cosine ``momentum_teacher → final_momentum_teacher``; teacher temperature line
 ``warmup_teacher_temp → teacher_temp`` over ``warmup_teacher_temp_epochs · E`` then constant;
 last-layer lr = lr but 0 for the first ``freeze_last_layer_epochs · E`` iterations.
 
-Outputs in ``D``: ``config.yaml``, ``log.txt``, ``training_metrics.json`` (JSON lines),
+Outputs in ``D``: ``config.yaml``, ``log.txt``, ``training_metrics.json`` (JSON lines, every
+``--log-period`` iterations; also ``tensorboard/`` when TensorBoard is installed),
 ``model_<it>.pth`` training checkpoints (every ``saveckp_freq · E`` iterations and at the end, the
 last ``train.checkpoint_keep_last`` kept) and ``eval/training_<it>/teacher_checkpoint.pth``
 (``{"teacher": state_dict}``, the release format) every ``evaluation.eval_period_iterations``.
-A run resumes from the newest checkpoint in ``D`` unless ``--no-resume``.
+A run resumes from the newest checkpoint in ``D`` unless ``--no-resume``: weights, optimizer, grad
+scaler, iteration, sampler position and every rank's RNG states. On CPU (deterministic algorithms) with
+``train.num_workers=0`` the resumed run repeats the uninterrupted one's per-iteration losses exactly;
+with workers it continues at the right sample, with worker RNG streams seeded from (seed, rank, start).
+
+Precision: ``SSLMetaArch`` autocasts to ``compute_precision.student.backbone.mixed_precision.param_dtype``
+on CUDA and owns the fp16 grad scaler (``model.fp16_scaler``, unscaled here before clipping); CPU is fp32.
+A NaN/inf loss term stops the run before the optimizer step with one line naming the iteration and
+every term (exit status 1); the checkpoints already written stay the latest.
 """
 
 from __future__ import annotations
@@ -274,7 +283,9 @@ def _initial_state(cfg: DictConfig, model: SSLMetaArch, checkpointer: Checkpoint
     """Where training starts: a checkpoint of D, else ``MODEL.WEIGHTS``, else scratch / pretrained backbone."""
     if resume and list_checkpoints(checkpointer.save_dir):
         state = checkpointer.resume()
-        return {"start_iter": state["iteration"] + 1, **state}
+        start_iter = state["iteration"] + 1
+        advance = state.get("sampler_advance", start_iter * cfg.train.batch_size_per_gpu)
+        return {**state, "start_iter": start_iter, "sampler_advance": advance}
     if not resume and distributed.is_main_process():
         for _, stale in list_checkpoints(checkpointer.save_dir):
             logger.warning(f"--no-resume: removing {stale} of an earlier run")
@@ -287,12 +298,12 @@ def _initial_state(cfg: DictConfig, model: SSLMetaArch, checkpointer: Checkpoint
         model.load_state_dict(weights["model"])
         start_iter = 0 if high_res else int(weights.get("iteration", -1)) + 1
         logger.info(f"Loaded model weights from {cfg.MODEL.WEIGHTS}, starting at iteration {start_iter}")
-        return {"start_iter": start_iter, "rng": None}
+        return {"start_iter": start_iter, "sampler_advance": start_iter * cfg.train.batch_size_per_gpu, "rng": None}
     if high_res and not cfg.student.pretrained_weights:
         raise ValueError("train.high_resolution_finetune=true needs student.pretrained_weights (or MODEL.WEIGHTS)")
     if high_res:
         logger.info(f"High-resolution fine-tuning from {cfg.student.pretrained_weights}: new optimizer, iteration 0")
-    return {"start_iter": 0, "rng": None}
+    return {"start_iter": 0, "sampler_advance": 0, "rng": None}
 
 
 def do_train(cfg: DictConfig, model: SSLMetaArch, resume: bool = True, log_period: int = 10) -> dict[str, float]:
@@ -322,13 +333,13 @@ def do_train(cfg: DictConfig, model: SSLMetaArch, resume: bool = True, log_perio
     if distributed.is_main_process():
         _truncate_metrics(metrics_path, start_iter)
 
-    data_loader = build_data_loader(cfg, sampler_advance=start_iter * batch_size, input_dtype=_input_dtype(model))
+    data_loader = build_data_loader(cfg, sampler_advance=state["sampler_advance"], input_dtype=_input_dtype(model))
     torch.manual_seed(_loader_seed(cfg.train.seed, distributed.get_rank(), start_iter))
     batches = iter(data_loader)  # draws the worker seeds from torch's generator: before the RNG restore
     if state.get("rng") is not None:
         restore_rng_state(state["rng"])
 
-    metric_logger = MetricLogger(output_file=str(metrics_path))
+    metric_logger = MetricLogger(output_file=str(metrics_path), tensorboard_dir=str(output_dir / "tensorboard"))
     iteration = start_iter
     for batch in metric_logger.log_every(
         batches,
@@ -362,7 +373,7 @@ def do_train(cfg: DictConfig, model: SSLMetaArch, resume: bool = True, log_perio
         if eval_period > 0 and done % eval_period == 0:
             save_teacher_checkpoint(model, output_dir, f"training_{iteration}")
         if done % checkpoint_period == 0 or done == max_iter:
-            checkpointer.save(iteration, sampler_advance=done * batch_size)
+            checkpointer.save(iteration, sampler_advance=state["sampler_advance"] + (done - start_iter) * batch_size)
         iteration = done
 
     metric_logger.synchronize_between_processes()
