@@ -147,7 +147,7 @@ def _pca_images(data_root: Path) -> list[Path]:
     ]
 
 
-def run_demo(out: Path, train_overrides: Sequence[str] = (), rasa_iterations: int = 4) -> dict[str, object]:
+def run_demo(out: Path, train_overrides: Sequence[str] = (), rasa_iterations: int = 8) -> dict[str, object]:
     """Run every step of the demo into ``out``; return (and write) the summary."""
     out.mkdir(parents=True, exist_ok=True)
     data_root = write_demo_dataset(out / "data")
@@ -229,11 +229,15 @@ def _print_summary(summary: dict[str, object], matryoshka: dict) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Franca end-to-end CPU demo (data, training, k-NN, RASA, PCA).")
     parser.add_argument("--output-dir", default="demo_output", help="where everything is written (default: %(default)s)")
-    parser.add_argument("--rasa-iterations", type=int, default=4, help="RASA directions to remove (default: 4)")
+    parser.add_argument("--rasa-iterations", type=int, default=8, help="RASA iterations (2-D directions removed, default: 8)")
     parser.add_argument("opts", nargs="*", help="training config overrides key=value (e.g. optim.epochs=5)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    run_demo(Path(args.output_dir).resolve(), args.opts, args.rasa_iterations)
+    try:
+        run_demo(Path(args.output_dir).resolve(), args.opts, args.rasa_iterations)
+    except subprocess.CalledProcessError as error:
+        print(f"error: demo step failed (exit {error.returncode}): {' '.join(error.cmd[1:4])} ...", file=sys.stderr)
+        return error.returncode
     return 0
 
 

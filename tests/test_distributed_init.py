@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -68,7 +69,8 @@ def _child_env(**extra: str) -> dict[str, str]:
 
 
 def _json_lines(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    """JSON objects printed by the workers (ranks sharing a pipe may interleave a line's text and newline)."""
+    return [json.loads(obj) for obj in re.findall(r"\{[^{}]*\}", text)]
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,82 @@
+"""From ``compute_precision.<student|teacher>.<module>`` to FSDP2 settings.
+
+Sharding strategies (the FSDP1 names the configs use) map onto FSDP2 ``fully_shard`` as:
+
+============== ========================================== =============================================
+strategy       parameter placement                        after the forward pass
+============== ========================================== =============================================
+FULL_SHARD     ``Shard(0)`` over all ranks (1-D mesh)     reshard (all-gather again for the backward)
+SHARD_GRAD_OP  ``Shard(0)`` over all ranks (1-D mesh)     keep gathered until the backward is done
+NO_SHARD       replicated: HSDP mesh ``(world, 1)``,      keep gathered (nothing to free: shards are the
+               i.e. ``(Replicate(), Shard(0))`` with a    full tensors); gradients are all-reduced, as
+               shard group of one rank                    with DDP
+============== ========================================== =============================================
+
+NO_SHARD is expressed as hybrid sharding with a one-rank shard group rather than with a separate
+DDP wrapper so that every parameter of the model is a DTensor: the EMA update, gradient clipping
+and the checkpoint gather are then one code path whatever the strategy.
+
+Mixed precision: ``param_dtype`` is the dtype of the gathered parameters (the compute dtype),
+``reduce_dtype`` the dtype of the gradient reduce-scatter / all-reduce. FSDP2 does not manage
+buffers, so ``buffer_dtype`` is applied once, by casting the module's floating-point buffers when it
+is sharded. On CPU every dtype is fp32, as in the single-process CPU path of ``SSLMetaArch`` (which
+only autocasts on CUDA), so a CPU run with several ranks computes what one rank computes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+from torch.distributed.fsdp import MixedPrecisionPolicy
+
+SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")
+PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ShardingPlan:
+    """How one sub-network (e.g. the student backbone) is sharded."""
+
+    replicate: bool
+    reshard_after_forward: bool
+    mp_policy: MixedPrecisionPolicy
+    buffer_dtype: torch.dtype
+
+
+def _dtype(name: str, key: str) -> torch.dtype:
+    if name not in PRECISION_DTYPES:
+        raise ValueError(f"{key} is {name!r}, must be one of {', '.join(PRECISION_DTYPES)}")
+    return PRECISION_DTYPES[name]
+
+
+def mixed_precision_policy(mixed_precision: DictConfig | dict, *, device_type: str, where: str = "") -> tuple:
+    """``(MixedPrecisionPolicy, buffer_dtype)`` for a ``mixed_precision`` node (``param_dtype`` …).
+
+    ``device_type == "cpu"`` gives fp32 for everything (see the module docstring).
+    """
+    prefix = f"{where}.mixed_precision" if where else "mixed_precision"
+    param = _dtype(mixed_precision["param_dtype"], f"{prefix}.param_dtype")
+    reduce = _dtype(mixed_precision["reduce_dtype"], f"{prefix}.reduce_dtype")
+    buffer = _dtype(mixed_precision["buffer_dtype"], f"{prefix}.buffer_dtype")
+    if device_type == "cpu":
+        param = reduce = buffer = torch.float32
+    return MixedPrecisionPolicy(param_dtype=param, reduce_dtype=reduce, cast_forward_inputs=True), buffer
+
+
+def sharding_plan(module_cfg: DictConfig | dict, *, device_type: str, where: str = "") -> ShardingPlan:
+    """The plan of one ``compute_precision.<role>.<module>`` node."""
+    strategy = module_cfg["sharding_strategy"]
+    if strategy not in SHARDING_STRATEGIES:
+        raise ValueError(
+            f"{where or 'compute_precision'}.sharding_strategy is {strategy!r}, "
+            f"must be one of {', '.join(SHARDING_STRATEGIES)}"
+        )
+    policy, buffer_dtype = mixed_precision_policy(module_cfg["mixed_precision"], device_type=device_type, where=where)
+    return ShardingPlan(
+        replicate=strategy == "NO_SHARD",
+        reshard_after_forward=strategy == "FULL_SHARD",
+        mp_policy=policy,
+        buffer_dtype=buffer_dtype,
+    )
