@@ -228,8 +228,12 @@ def _print_summary(summary: dict[str, object], matryoshka: dict) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Franca end-to-end CPU demo (data, training, k-NN, RASA, PCA).")
-    parser.add_argument("--output-dir", default="demo_output", help="where everything is written (default: %(default)s)")
-    parser.add_argument("--rasa-iterations", type=int, default=8, help="RASA iterations (2-D directions removed, default: 8)")
+    parser.add_argument(
+        "--output-dir", default="demo_output", help="where everything is written (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--rasa-iterations", type=int, default=8, help="RASA iterations (2-D directions removed, default: 8)"
+    )
     parser.add_argument("opts", nargs="*", help="training config overrides key=value (e.g. optim.epochs=5)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

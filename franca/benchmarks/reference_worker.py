@@ -9,7 +9,8 @@ on identical tensors (augmentation: the same JPEG file; its crops are random on 
 
 Protocol (one JSON object per line on the original stdout; anything else printed goes to
 stderr): after set-up and one untimed warm-up run the worker answers ``{"ready": …}``; each
-``run`` line on stdin is answered with ``{"seconds": t}``; ``finish`` with the process's peak
+``run`` line on stdin is answered with ``{"seconds": t}``, ``matmul`` with the fp32 matmul GFLOP/s
+measured now (the ceiling next to each timed round); ``finish`` with the process's peak
 memory, then it exits. A failure is answered with ``{"error": traceback}``.
 """
 
@@ -319,6 +320,26 @@ BUILDERS: dict[str, Callable[[Context], Callable[[], object]]] = {
 }
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory (``VmHWM``; ``ru_maxrss`` would include the parent's from before exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _matmul_gflops(n: int = 2048) -> float:
+    """fp32 ``n×n @ n×n`` throughput at this process's thread count (median of 3): the ceiling of a round."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / sorted(times)[1] / 1e9
+
+
 def _serve(step: Callable[[], object], reply: Callable[[dict], None]) -> None:
     for line in sys.stdin:
         command = line.strip()
@@ -326,8 +347,10 @@ def _serve(step: Callable[[], object], reply: Callable[[dict], None]) -> None:
             start = time.perf_counter()
             step()
             reply({"seconds": time.perf_counter() - start})
+        elif command == "matmul":
+            reply({"gflops": _matmul_gflops()})
         elif command == "finish":
-            reply({"peak_mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+            reply({"peak_mem_mb": _peak_rss_mb()})
             return
         else:
             reply({"error": f"unknown command {command!r}"})

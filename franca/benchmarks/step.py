@@ -41,7 +41,9 @@ def mrl_head_macs_per_row(in_dim: int, n_prototypes: int, nlayers: int, hidden: 
     macs = 0
     for m in (in_dim // 16, in_dim // 8, in_dim // 4, in_dim // 2, in_dim):
         widths = [m] + [hidden] * (nlayers - 1) + [bottleneck]
-        macs += in_dim * m + sum(a * b for a, b in zip(widths, widths[1:])) + bottleneck * int(n_prototypes * m / in_dim)
+        macs += (
+            in_dim * m + sum(a * b for a, b in zip(widths, widths[1:])) + bottleneck * int(n_prototypes * m / in_dim)
+        )
     return macs
 
 
@@ -103,7 +105,11 @@ def _settings(device: str, quick: bool) -> list[tuple[str, str | None, int, list
             for net in ("student", "teacher")
             for part in ("backbone", "dino_head", "ibot_head")
         ]
-        archs = [("vitb14", "train/IN21K/vitb14")] if quick else [("vitb14", "train/IN21K/vitb14"), ("vitl14", "train/IN21K/vitl14")]
+        archs = (
+            [("vitb14", "train/IN21K/vitb14")]
+            if quick
+            else [("vitb14", "train/IN21K/vitb14"), ("vitl14", "train/IN21K/vitl14")]
+        )
         return [(label, config, 32, ["compute_precision.grad_scaler=false", *bf16]) for label, config in archs]
     if quick:
         return [("vit_pico_p8_48px", "train/cpu_tiny", 4, [])]

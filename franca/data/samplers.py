@@ -44,12 +44,36 @@ def epoch_permutation(count: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(count)
 
 
-def _check_count(sample_count: int) -> None:
-    if sample_count < 1:
-        raise ValueError(f"a sampler needs at least one sample, got sample_count={sample_count}")
+class _ShardedIndexSampler(Sampler[int]):
+    """Settings shared by the index samplers: ``sample_count`` indices, shuffled per ``(seed, epoch)`` when
+    ``shuffle``, this rank's share ``start :: step`` (default: rank and world size) and ``advance``
+    indices of it to skip. ``epoch_size`` is only validated here (the epoch sampler keeps it)."""
+
+    def __init__(
+        self,
+        *,
+        sample_count: int,
+        shuffle: bool,
+        seed: int,
+        start: int | None,
+        step: int | None,
+        advance: int,
+        epoch_size: int | None = None,
+    ) -> None:
+        if sample_count < 1:
+            raise ValueError(f"a sampler needs at least one sample, got sample_count={sample_count}")
+        if epoch_size is not None and epoch_size < 1:
+            raise ValueError(f"epoch size must be >= 1, got {epoch_size}")
+        if advance < 0:
+            raise ValueError(f"sampler advance must be >= 0, got {advance}")
+        self._sample_count = sample_count
+        self._shuffle = shuffle
+        self._seed = seed
+        self._start, self._step = _resolve_shard(start, step)
+        self._advance = advance
 
 
-class InfiniteSampler(Sampler[int]):
+class InfiniteSampler(_ShardedIndexSampler):
     """Endless stream of indices shared out across ranks.
 
     The global stream is the concatenation over epochs ``e = 0, 1, …`` of ``range(sample_count)`` —
@@ -70,14 +94,7 @@ class InfiniteSampler(Sampler[int]):
         step: int | None = None,
         advance: int = 0,
     ) -> None:
-        _check_count(sample_count)
-        if advance < 0:
-            raise ValueError(f"sampler advance must be >= 0, got {advance}")
-        self._sample_count = sample_count
-        self._shuffle = shuffle
-        self._seed = seed
-        self._start, self._step = _resolve_shard(start, step)
-        self._advance = advance
+        super().__init__(sample_count=sample_count, shuffle=shuffle, seed=seed, start=start, step=step, advance=advance)
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         if self._shuffle:
@@ -99,7 +116,7 @@ ShardedInfiniteSampler = InfiniteSampler
 """DINOv2's name for the same sampler."""
 
 
-class EpochSampler(Sampler[int]):
+class EpochSampler(_ShardedIndexSampler):
     """``size`` indices per epoch (``range(sample_count)`` tiled as needed), shuffled per ``(seed, epoch)``.
 
     Rank ``r`` of ``W`` takes positions ``r, r + W, …`` of the epoch, so ranks are disjoint and cover
@@ -118,18 +135,17 @@ class EpochSampler(Sampler[int]):
         step: int | None = None,
         advance: int = 0,
     ) -> None:
-        _check_count(sample_count)
-        if size < 1:
-            raise ValueError(f"epoch size must be >= 1, got {size}")
-        if advance < 0:
-            raise ValueError(f"sampler advance must be >= 0, got {advance}")
+        super().__init__(
+            sample_count=sample_count,
+            shuffle=shuffle,
+            seed=seed,
+            start=start,
+            step=step,
+            advance=advance,
+            epoch_size=size,
+        )
         self._size = size
-        self._sample_count = sample_count
-        self._shuffle = shuffle
-        self._seed = seed
-        self._start, self._step = _resolve_shard(start, step)
         self._epoch = 0
-        self._advance = advance
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch = epoch

@@ -173,30 +173,26 @@ def knn_results(
     results: dict[str, dict[str, dict[str, float]]] = {}
     for n_per_class in n_per_class_list:
         if n_per_class < 0:
-            accuracies = knn_classify(
-                train_features, train_labels, val_features, val_labels, nb_knn, temperature, num_classes, backend
+            name, ks, train_subsets = "full", nb_knn, [slice(None)]
+        else:
+            name, ks = f"{n_per_class} per class", _few_shot_ks(nb_knn, n_per_class)
+            train_subsets = (
+                sample_per_class(train_labels, n_per_class, seed).to(train_features.device) for seed in range(n_tries)
             )
-            results["full"] = {str(k): acc for k, acc in accuracies.items()}
-            continue
-        ks = _few_shot_ks(nb_knn, n_per_class)
-        tries = []
-        for seed in range(n_tries):
-            keep = sample_per_class(train_labels, n_per_class, seed).to(train_features.device)
-            tries.append(
-                knn_classify(
-                    train_features[keep],
-                    train_labels[keep],
-                    val_features,
-                    val_labels,
-                    ks,
-                    temperature,
-                    num_classes,
-                    backend,
-                )
+        tries = [
+            knn_classify(
+                train_features[keep],
+                train_labels[keep],
+                val_features,
+                val_labels,
+                ks,
+                temperature,
+                num_classes,
+                backend,
             )
-        results[f"{n_per_class} per class"] = {
-            str(k): {key: sum(t[k][key] for t in tries) / n_tries for key in tries[0][k]} for k in ks
-        }
+            for keep in train_subsets
+        ]
+        results[name] = {str(k): {key: sum(t[k][key] for t in tries) / len(tries) for key in tries[0][k]} for k in ks}
     return results
 
 

@@ -22,9 +22,14 @@ class SwiGLUFFN(nn.Module):
     ) -> None:
         super().__init__()
         out_features = out_features or in_features
-        hidden_features = hidden_features or in_features
+        hidden_features = self._hidden_width(hidden_features or in_features)
         self.w12 = nn.Linear(in_features, 2 * hidden_features, bias=bias)
         self.w3 = nn.Linear(hidden_features, out_features, bias=bias)
+
+    @staticmethod
+    def _hidden_width(hidden_features: int) -> int:
+        """The hidden width used for a nominal one (the nominal width itself; the fused variant shrinks it)."""
+        return hidden_features
 
     def forward(self, x: Tensor) -> Tensor:
         gate, value = self.w12(x).chunk(2, dim=-1)
@@ -39,16 +44,4 @@ def swiglu_hidden_features(hidden_features: int) -> int:
 class SwiGLUFFNFused(SwiGLUFFN):
     """:class:`SwiGLUFFN` whose hidden width is :func:`swiglu_hidden_features` of the nominal one."""
 
-    def __init__(
-        self,
-        in_features: int,
-        hidden_features: int | None = None,
-        out_features: int | None = None,
-        bias: bool = True,
-    ) -> None:
-        super().__init__(
-            in_features=in_features,
-            hidden_features=swiglu_hidden_features(hidden_features or in_features),
-            out_features=out_features,
-            bias=bias,
-        )
+    _hidden_width = staticmethod(swiglu_hidden_features)

@@ -1,0 +1,1 @@
+"""Submitit launchers: ``python -m franca.run.train ...`` (see :mod:`franca.run.train`)."""

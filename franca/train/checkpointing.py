@@ -14,6 +14,8 @@ during a save leaves at worst a stray temporary file, never a truncated ``model_
 ``model_*.pth`` is always complete.
 
 Every rank calls ``state_dict()`` (a sharded engine can gather there), only the main process writes.
+The trainer passes ``franca.fsdp.ModelCheckpointState`` / ``OptimizerCheckpointState``: full tensors
+gathered on rank 0 and optimizer state keyed by parameter name, so a file saved by N ranks resumes on M.
 """
 
 from __future__ import annotations
@@ -173,7 +175,8 @@ class Checkpointer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint not found: {path}")
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        # memory-mapped: the ranks of a node share the file pages instead of each holding a full copy
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         missing = [name for name in self.checkpointables if name not in data]
         if missing:
             raise KeyError(f"checkpoint {path} has no entry {missing[0]!r}")

@@ -49,12 +49,13 @@ import torch
 from omegaconf import DictConfig
 
 import franca.distributed as distributed
+from franca import fsdp
 from franca.data.augmentations import DataAugmentationDINO
 from franca.data.collate import collate_data_and_cast
 from franca.data.loaders import default_sampler_type, make_data_loader, make_dataset
 from franca.data.masking import MaskingGenerator
 from franca.logging import MetricLogger, setup_logging
-from franca.train.checkpointing import Checkpointer, atomic_save, list_checkpoints, restore_rng_state
+from franca.train.checkpointing import Checkpointer, list_checkpoints, restore_rng_state
 from franca.train.schedules import CosineScheduler
 from franca.train.ssl_meta_arch import SSLMetaArch
 from franca.utils.config import apply_scaling_rules_to_cfg, get_cfg_from_args, write_config
@@ -128,13 +129,13 @@ def apply_optim_scheduler(optimizer: torch.optim.Optimizer, lr: float, wd: float
 
 
 def clip_gradients(model: SSLMetaArch, max_norm: float) -> None:
-    """Clip the gradient norm of each student part (backbone, dino_head, ibot_head) separately."""
+    """Clip the gradient norm of each student part (backbone, dino_head, ibot_head) separately.
+
+    With FSDP the gradients are DTensor shards and ``clip_grad_norm_`` reduces the norm across ranks:
+    the total norm is that of the full gradient (checked against one process in ``tests/test_fsdp.py``).
+    """
     for part in model.student.values():
-        clip = getattr(part, "clip_grad_norm_", None)  # sharded modules clip across ranks themselves
-        if clip is not None:
-            clip(max_norm)
-        else:
-            torch.nn.utils.clip_grad_norm_(part.parameters(), max_norm)
+        torch.nn.utils.clip_grad_norm_(part.parameters(), max_norm)
 
 
 def reduce_losses(loss_dict: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -239,12 +240,12 @@ def _input_dtype(model: SSLMetaArch) -> torch.dtype:
 
 
 def save_teacher_checkpoint(model: SSLMetaArch, output_dir: str | os.PathLike, name: str) -> Path:
-    """``D/eval/<name>/teacher_checkpoint.pth`` = ``{"teacher": teacher.state_dict()}`` (release format)."""
-    state = model.teacher.state_dict()  # every rank: a sharded teacher gathers here
-    path = Path(output_dir) / "eval" / name / "teacher_checkpoint.pth"
-    if distributed.is_main_process():
-        atomic_save({"teacher": state}, path)
-        logger.info(f"Saved teacher checkpoint {path}")
+    """``D/eval/<name>/teacher_checkpoint.pth`` = ``{"teacher": teacher.state_dict()}`` (release format).
+
+    Collective with FSDP: every rank takes part in gathering the teacher, rank 0 writes.
+    """
+    path = fsdp.export_teacher(model, Path(output_dir) / "eval" / name / "teacher_checkpoint.pth")
+    logger.info(f"Saved teacher checkpoint {path}")
     return path
 
 
@@ -285,6 +286,8 @@ def _initial_state(cfg: DictConfig, model: SSLMetaArch, checkpointer: Checkpoint
         state = checkpointer.resume()
         start_iter = state["iteration"] + 1
         advance = state.get("sampler_advance", start_iter * cfg.train.batch_size_per_gpu)
+        # per-rank count: the saved ranks consumed advance × saved world size samples, now shared by this world
+        advance = advance * state.get("world_size", 1) // distributed.get_world_size()
         return {**state, "start_iter": start_iter, "sampler_advance": advance}
     if not resume and distributed.is_main_process():
         for _, stale in list_checkpoints(checkpointer.save_dir):
@@ -295,7 +298,7 @@ def _initial_state(cfg: DictConfig, model: SSLMetaArch, checkpointer: Checkpoint
         weights = torch.load(cfg.MODEL.WEIGHTS, map_location="cpu", weights_only=True)
         if "model" not in weights:
             raise KeyError(f"MODEL.WEIGHTS={cfg.MODEL.WEIGHTS} is not a training checkpoint (no 'model' entry)")
-        model.load_state_dict(weights["model"])
+        fsdp.load_full_state_dict(model, weights["model"])
         start_iter = 0 if high_res else int(weights.get("iteration", -1)) + 1
         logger.info(f"Loaded model weights from {cfg.MODEL.WEIGHTS}, starting at iteration {start_iter}")
         return {"start_iter": start_iter, "sampler_advance": start_iter * cfg.train.batch_size_per_gpu, "rng": None}
@@ -322,8 +325,8 @@ def do_train(cfg: DictConfig, model: SSLMetaArch, resume: bool = True, log_perio
     checkpointer = Checkpointer(
         output_dir,
         max_to_keep=cfg.train.checkpoint_keep_last,
-        model=model,
-        optimizer=optimizer,
+        model=fsdp.ModelCheckpointState(model),
+        optimizer=fsdp.OptimizerCheckpointState(model, optimizer),
         grad_scaler=model.fp16_scaler,
     )
     state = _initial_state(cfg, model, checkpointer, resume)
@@ -412,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = SSLMetaArch(cfg).to(device)
         model.prepare_for_distributed_training()
         if args.eval_only:
-            checkpointer = Checkpointer(cfg.train.output_dir, model=model)
+            checkpointer = Checkpointer(cfg.train.output_dir, model=fsdp.ModelCheckpointState(model))
             state = checkpointer.resume()
             if state is None:
                 raise FileNotFoundError(f"--eval-only: no checkpoint in {cfg.train.output_dir}")

@@ -16,25 +16,9 @@
 
 set -euo pipefail
 
-: "${OUTPUT_DIR:?set OUTPUT_DIR to the training output folder (it holds config.yaml and eval/)}"
-: "${ITERATION:?set ITERATION to the checkpoint iteration (eval/training_<ITERATION>/teacher_checkpoint.pth)}"
-if [[ -z "${TRAIN_DATASET:-}" || -z "${VAL_DATASET:-}" ]]; then
-    : "${IMAGENET_ROOT:?set IMAGENET_ROOT and IMAGENET_EXTRA, or TRAIN_DATASET and VAL_DATASET}"
-    : "${IMAGENET_EXTRA:?set IMAGENET_EXTRA (the folder of the ImageNet metadata files)}"
-fi
-TRAIN_DATASET=${TRAIN_DATASET:-ImageNet:split=TRAIN:root=${IMAGENET_ROOT:-}:extra=${IMAGENET_EXTRA:-}}
-VAL_DATASET=${VAL_DATASET:-ImageNet:split=VAL:root=${IMAGENET_ROOT:-}:extra=${IMAGENET_EXTRA:-}}
-CHECKPOINT_DIR="${OUTPUT_DIR}/eval/training_${ITERATION}"
+# sbatch runs a copy of this script, so common.sh is found beside it or under the submit directory.
+here=$(dirname "${BASH_SOURCE[0]}")
+[[ -f "${here}/common.sh" ]] || here="${SLURM_SUBMIT_DIR:-$PWD}/scripts/eval"
+source "${here}/common.sh"
 
-export MASTER_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)
-export MASTER_PORT=${MASTER_PORT:-$((10000 + SLURM_JOB_ID % 20000))}
-export PYTHONPATH="${SLURM_SUBMIT_DIR:-$PWD}${PYTHONPATH:+:${PYTHONPATH}}"
-cd "${SLURM_SUBMIT_DIR:-$PWD}"
-
-srun python -m franca.eval.linear \
-    --config-file "${OUTPUT_DIR}/config.yaml" \
-    --pretrained-weights "${CHECKPOINT_DIR}/teacher_checkpoint.pth" \
-    --output-dir "${CHECKPOINT_DIR}/linear" \
-    --train-dataset "${TRAIN_DATASET}" \
-    --val-dataset "${VAL_DATASET}" \
-    "$@"
+run_eval linear linear "$@"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -25,15 +24,6 @@ class ExtendedVisionDataset(VisionDataset):
     decoded, a warning names its source (once) and the next readable sample ``i+1, i+2, …`` (cyclically)
     is returned in its place, image and target together, so batches keep their size and labels stay true.
     """
-
-    def __init__(
-        self,
-        root: str,
-        transforms: Callable | None = None,
-        transform: Callable | None = None,
-        target_transform: Callable | None = None,
-    ) -> None:
-        super().__init__(root, transforms, transform, target_transform)
 
     def get_image_data(self, index: int) -> bytes:
         raise NotImplementedError
