@@ -147,10 +147,16 @@ def _pca_images(data_root: Path) -> list[Path]:
     ]
 
 
-def run_demo(out: Path, train_overrides: Sequence[str] = (), rasa_iterations: int = 8) -> dict[str, object]:
+def run_demo(
+    out: Path,
+    train_overrides: Sequence[str] = (),
+    rasa_iterations: int = 8,
+    train_per_class: int = 200,
+    val_per_class: int = 50,
+) -> dict[str, object]:
     """Run every step of the demo into ``out``; return (and write) the summary."""
     out.mkdir(parents=True, exist_ok=True)
-    data_root = write_demo_dataset(out / "data")
+    data_root = write_demo_dataset(out / "data", n_train_per_class=train_per_class, n_val_per_class=val_per_class)
     train_seconds = _run_training(out, data_root, train_overrides)
 
     train_dir = out / "train"
@@ -234,11 +240,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--rasa-iterations", type=int, default=8, help="RASA iterations (2-D directions removed, default: 8)"
     )
+    parser.add_argument("--train-per-class", type=int, default=200, help="demo training images per class")
+    parser.add_argument("--val-per-class", type=int, default=50, help="demo held-out images per class")
     parser.add_argument("opts", nargs="*", help="training config overrides key=value (e.g. optim.epochs=5)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        run_demo(Path(args.output_dir).resolve(), args.opts, args.rasa_iterations)
+        run_demo(
+            Path(args.output_dir).resolve(),
+            args.opts,
+            args.rasa_iterations,
+            args.train_per_class,
+            args.val_per_class,
+        )
     except subprocess.CalledProcessError as error:
         print(f"error: demo step failed (exit {error.returncode}): {' '.join(error.cmd[1:4])} ...", file=sys.stderr)
         return error.returncode

@@ -2,7 +2,7 @@
 """Throughput of the Franca workloads: a table on stdout and, with ``--json``, a JSON file.
 
     python scripts/benchmark.py [--quick] [--only NAME ...] [--json OUT.json] [--device cpu|cuda]
-                                [--compare-reference DIR [--compare-only W ...] [--repeats N] [--threads N]]
+                                [--compare-reference DIR [--compare-only W ...] [--repeats N] [--threads N] [--profile]]
 
 Every workload module (``franca/benchmarks/<name>.py``, ``run(quick) -> rows``) runs in its own
 Python process, so the peak memory of a row is that workload's alone. Rows report seconds per call,
@@ -237,6 +237,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, help="torch threads of both sides of a comparison (default: usable cores)"
     )
+    parser.add_argument(
+        "--profile", action="store_true", help="print each comparison side's top torch.profiler operators"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -289,7 +292,12 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             compare_rows = compare(
-                reference, only=args.compare_only, repeats=args.repeats, threads=args.threads, quick=args.quick
+                reference,
+                only=args.compare_only,
+                repeats=args.repeats,
+                threads=args.threads,
+                quick=args.quick,
+                profile=args.profile,
             )
         except KeyError as error:
             sys.exit(f"benchmark.py: error: {error.args[0]}")

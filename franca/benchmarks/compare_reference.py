@@ -147,9 +147,15 @@ class _Worker:
 
 
 def compare_workload(
-    workload: Workload, reference: Path, repeats: int, threads: int, quick: bool, flops: float | None = None
+    workload: Workload,
+    reference: Path,
+    repeats: int,
+    threads: int,
+    quick: bool,
+    flops: float | None = None,
+    profile: bool = False,
 ) -> dict:
-    """Time one workload on both sides, interleaved; returns its row."""
+    """Time one workload on both sides, interleaved; returns its row (with ``profile``: each side's top operators)."""
     threads = workload.threads or threads
     with tempfile.TemporaryDirectory(prefix=f"franca_compare_{workload.name}_") as tmp:
         shared = Path(tmp)
@@ -169,6 +175,7 @@ def compare_workload(
                     times[side].append(workers[side].ask("run")["seconds"])
                 if flops:
                     ceiling.append(workers["ours"].ask("matmul")["gflops"])
+            tables = {side: worker.ask("profile")["table"] for side, worker in workers.items()} if profile else {}
             memory = {side: worker.ask("finish")["peak_mem_mb"] for side, worker in workers.items()}
         finally:
             for worker in workers.values():
@@ -197,6 +204,8 @@ def compare_workload(
         "repeats": repeats,
         "times": times,
     }
+    if profile:
+        row["profile"] = tables
     if workload.min_pct_of_matmul is not None and row["pct_of_matmul"] is not None:
         row["meets_target"] = row["meets_target"] and row["pct_of_matmul"] >= workload.min_pct_of_matmul
     return row
@@ -208,6 +217,7 @@ def compare(
     repeats: int = 7,
     threads: int | None = None,
     quick: bool = False,
+    profile: bool = False,
     log: Callable[[str], None] = _print_now,
 ) -> list[dict]:
     """Rows ours vs official for every workload (or those named in ``only``); ``threads`` defaults to the usable cores."""
@@ -224,11 +234,14 @@ def compare(
             continue
         log(f"compare {workload.name}: {workload.description} ({repeats} interleaved rounds)")
         try:
-            row = compare_workload(workload, root, repeats, threads, quick, workload_flops(workload.name, quick))
+            flops = workload_flops(workload.name, quick)
+            row = compare_workload(workload, root, repeats, threads, quick, flops, profile)
         except RuntimeError as error:
             log(f"  {error}")
             row = {"workload": f"compare/{workload.name}", "description": workload.description, "error": str(error)}
         else:
             log(f"  ours {row['seconds']:.4f} s, official {row['official_seconds']:.4f} s, ratio {row['ratio']:.3f}")
+            for side, table in row.get("profile", {}).items():
+                log(f"  top operators, {side}:\n{table}")
         rows.append(row)
     return rows

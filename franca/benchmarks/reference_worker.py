@@ -10,7 +10,8 @@ on identical tensors (augmentation: the same JPEG file; its crops are random on 
 Protocol (one JSON object per line on the original stdout; anything else printed goes to
 stderr): after set-up and one untimed warm-up run the worker answers ``{"ready": …}``; each
 ``run`` line on stdin is answered with ``{"seconds": t}``, ``matmul`` with the fp32 matmul GFLOP/s
-measured now (the ceiling next to each timed round); ``finish`` with the process's peak
+measured now (the ceiling next to each timed round), ``profile`` with a torch.profiler table of one
+run; ``finish`` with the process's peak
 memory, then it exits. A failure is answered with ``{"error": traceback}``.
 """
 
@@ -340,6 +341,15 @@ def _matmul_gflops(n: int = 2048) -> float:
     return 2 * n**3 / sorted(times)[1] / 1e9
 
 
+def _profile(step: Callable[[], object], rows: int = 12) -> str:
+    """torch.profiler table of one run: the operators with the most self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=48)
+
+
 def _serve(step: Callable[[], object], reply: Callable[[dict], None]) -> None:
     for line in sys.stdin:
         command = line.strip()
@@ -347,6 +357,8 @@ def _serve(step: Callable[[], object], reply: Callable[[dict], None]) -> None:
             start = time.perf_counter()
             step()
             reply({"seconds": time.perf_counter() - start})
+        elif command == "profile":
+            reply({"table": _profile(step)})
         elif command == "matmul":
             reply({"gflops": _matmul_gflops()})
         elif command == "finish":

@@ -51,7 +51,9 @@ def _dtype(name: str, key: str) -> torch.dtype:
     return PRECISION_DTYPES[name]
 
 
-def mixed_precision_policy(mixed_precision: DictConfig | dict, *, device_type: str, where: str = "") -> tuple:
+def mixed_precision_policy(
+    mixed_precision: DictConfig | dict, *, device_type: str, where: str = ""
+) -> tuple[MixedPrecisionPolicy, torch.dtype]:
     """``(MixedPrecisionPolicy, buffer_dtype)`` for a ``mixed_precision`` node (``param_dtype`` …).
 
     ``device_type == "cpu"`` gives fp32 for everything (see the module docstring).

@@ -1,0 +1,62 @@
+"""The ``make demo`` pipeline at reduced size (the full-size run is the slow test)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from franca.demo import run_demo
+
+SUMMARY_KEYS = {
+    "knn_top1_random_init",
+    "knn_top1_trained",
+    "matryoshka_knn",
+    "rasa_position_r2_before",
+    "rasa_position_r2_after",
+    "train_seconds",
+}
+TINY_RUN = [
+    "optim.epochs=1",
+    "train.OFFICIAL_EPOCH_LENGTH=4",
+    "evaluation.eval_period_iterations=2",
+    "optim.warmup_epochs=0",
+    "teacher.warmup_teacher_temp_epochs=0",
+    "optim.freeze_last_layer_epochs=0",
+    "train.num_workers=0",
+]
+
+
+@pytest.fixture(autouse=True)
+def _repo_on_pythonpath(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo starts the trainer and RASA as child processes: they must import this checkout."""
+    root = str(Path(__file__).resolve().parents[1])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+
+
+def test_reduced_demo_writes_every_artefact_and_is_idempotent(tmp_path: Path) -> None:
+    summary = run_demo(tmp_path, TINY_RUN, rasa_iterations=2, train_per_class=10, val_per_class=4)
+    assert SUMMARY_KEYS <= summary.keys()
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    for key in ("teacher_checkpoint", "rasa_folded_checkpoint", "pca_picture", "training_metrics"):
+        assert Path(summary[key]).is_file(), key
+    assert list(summary["matryoshka_knn"]) == ["128", "64", "32", "16", "8"]
+    assert all(0.0 <= v <= 100.0 for v in summary["matryoshka_knn"].values())
+    assert 0.0 <= summary["knn_top1_random_init"] <= 100.0 and 0.0 <= summary["knn_top1_trained"] <= 100.0
+    assert summary["rasa_position_r2_after"] < summary["rasa_position_r2_before"]
+    trained_seconds = summary["train_seconds"]
+    assert trained_seconds > 0
+
+    again = run_demo(tmp_path, TINY_RUN, rasa_iterations=2, train_per_class=10, val_per_class=4)
+    assert again["teacher_checkpoint"] == summary["teacher_checkpoint"]
+    assert again["knn_top1_trained"] == summary["knn_top1_trained"]
+    assert again["rasa_position_r2_after"] == summary["rasa_position_r2_after"]
+
+
+@pytest.mark.slow
+def test_full_demo_trained_teacher_beats_random_init(tmp_path: Path) -> None:
+    summary = run_demo(tmp_path)
+    assert summary["knn_top1_trained"] - summary["knn_top1_random_init"] >= 15.0
+    assert summary["rasa_position_r2_after"] < 0.2 * summary["rasa_position_r2_before"]
