@@ -204,6 +204,7 @@ def _print_report(machine: dict, rows: list[dict], compare_rows: list[dict]) -> 
                 r["official_seconds"],
                 r["ratio"],
                 r["paired_ratio"],
+                r["best_ratio"],
                 r["target"],
                 {True: "yes", False: "NO", None: "–"}[r["meets_target"]],
                 r["gflops"],

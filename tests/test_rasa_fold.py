@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import load_reference
@@ -148,3 +150,21 @@ def test_bad_inputs(reference_model, tmp_path):
         load_folded_backbone(tmp_path / "nope.pth", "DinoVisionTransformer", **TINY)
     with pytest.raises(ValueError, match="unknown architecture 'vit_tiny_nope'"):
         load_folded_backbone(tmp_path / "nope.pth", "vit_tiny_nope")
+
+
+def test_folded_checkpoint_loads_through_hubconf(reference_model, tmp_path):
+    """The folded file is a plain official-format checkpoint for the hub: no RASA head argument needed."""
+    folded = fold(reference_model, _random_head(64, 2, seed=7))
+    path = tmp_path / "folded_teacher_checkpoint.pth"
+    save_folded_backbone(folded, path)
+    repo = Path(__file__).resolve().parents[1]
+    tiny = {"img_size": 56, "embed_dim": 64, "depth": 4, "num_heads": 2}
+    model = torch.hub.load(
+        str(repo), "franca_vitb14", source="local", pretrained=True, local_state_dict=str(path), **tiny
+    )
+    assert isinstance(model.norm, FoldedLayerNorm)
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        got, expected = model.eval().forward_features(x), folded.forward_features(x)
+    _close(got["x_norm_patchtokens"], expected["x_norm_patchtokens"])
+    _close(got["x_norm_clstoken"], expected["x_norm_clstoken"])

@@ -50,6 +50,7 @@ def build_model(
         num_register_tokens=args.num_register_tokens,
         interpolate_offset=args.interpolate_offset,
         interpolate_antialias=args.interpolate_antialias,
+        attn_backend=getattr(args, "attn_backend", None) or None,
         **model_kwargs,
     )
     teacher = builder(**vit_kwargs)
