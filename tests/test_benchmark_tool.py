@@ -98,6 +98,7 @@ def test_xformers_stand_in_block_diagonal_attention_matches_per_sequence():
 OFFICIAL = Path("/work/ref/Franca")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (OFFICIAL / "franca" / "train" / "ssl_meta_arch.py").is_file(), reason="no official checkout")
 def test_compare_reference_runs_both_sides_on_the_official_checkout():
     from franca.benchmarks.compare_reference import compare

@@ -9,6 +9,7 @@ checkpoints load and save with identical keys.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -126,10 +127,11 @@ def build_mlp(
     return nn.Sequential(*layers)
 
 
-def init_linear_weights(module: nn.Module) -> None:
-    """Head initialisation: ``nn.Linear`` weights ~ truncated N(0, 0.02²), biases 0 (prototype layers untouched)."""
+def init_linear_weights(module: nn.Module, std: float = 0.02) -> None:
+    """Head initialisation: ``nn.Linear`` weights ~ truncated N(0, std²) (official: 0.02), biases 0
+    (prototype layers untouched)."""
     if isinstance(module, nn.Linear):
-        trunc_normal_(module.weight, std=0.02)
+        trunc_normal_(module.weight, std=std)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
 
@@ -150,10 +152,11 @@ class DINOHead(nn.Module):
         hidden_dim: int = 2048,
         bottleneck_dim: int = 256,
         mlp_bias: bool = True,
+        init_std: float = 0.02,
     ) -> None:
         super().__init__()
         self.mlp = build_mlp(max(nlayers, 1), in_dim, bottleneck_dim, hidden_dim, use_bn=use_bn, bias=mlp_bias)
-        self.mlp.apply(init_linear_weights)
+        self.mlp.apply(partial(init_linear_weights, std=init_std))
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
 
     def forward(self, x: Tensor) -> Tensor:

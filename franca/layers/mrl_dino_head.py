@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 from torch import Tensor, nn
 
@@ -37,6 +38,7 @@ class MRLDINOHead(nn.Module):
         mlp_bias: bool = True,
         nesting_list: Sequence[int] | None = None,
         projection: str = "linear",
+        init_std: float = 0.02,
     ) -> None:
         super().__init__()
         if nesting_list is None:
@@ -65,7 +67,7 @@ class MRLDINOHead(nn.Module):
             build_mlp(nlayers, m, bottleneck_dim, hidden_dim, use_bn=use_bn, bias=mlp_bias, activate_output=True)
             for m in nesting_list
         )
-        self.apply(init_linear_weights)
+        self.apply(partial(init_linear_weights, std=init_std))
         self.last_layers = nn.ModuleList(WeightNormLinear(bottleneck_dim, k) for k in self.n_prototypes)
 
     def level_input(self, x: Tensor, level: int) -> Tensor:

@@ -136,6 +136,7 @@ class SSLMetaArch(nn.Module):
             nlayers=head_cfg.head_nlayers,
             hidden_dim=head_cfg.head_hidden_dim,
             bottleneck_dim=head_cfg.head_bottleneck_dim,
+            init_std=head_cfg.head_init_std,
         )
         if not self.mrl:
             return DINOHead(**kwargs)

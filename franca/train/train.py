@@ -387,6 +387,20 @@ def do_train(cfg: DictConfig, model: SSLMetaArch, resume: bool = True, log_perio
 # ---------------------------------------------------------------------------------------------- entry point
 
 
+def set_cpu_threads(num_workers: int) -> int:
+    """Leave one core to each DataLoader worker: ``torch`` threads = cores of this process − workers (≥ 1).
+
+    On a small CPU machine, compute threads that share cores with augmenting workers spin at every
+    parallel region (measured 10+ s/it instead of 0.6 s/it for ``cpu_tiny`` on 2 cores). An explicit
+    ``OMP_NUM_THREADS`` wins. Returns the thread count in use.
+    """
+    if "OMP_NUM_THREADS" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // max(1, distributed.get_local_size()) - num_workers))
+    logger.info("CPU training with %d torch threads and %d data workers", torch.get_num_threads(), num_workers)
+    return torch.get_num_threads()
+
+
 def setup(args: argparse.Namespace) -> DictConfig:
     """Process group, merged + validated config, logging to ``D/log.txt``, seeds, lr scaling, ``D/config.yaml``."""
     distributed.enable(overwrite=True)
@@ -412,6 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch.backends.cuda.matmul.allow_tf32 = True
         else:
             torch.use_deterministic_algorithms(True, warn_only=True)
+            set_cpu_threads(cfg.train.num_workers)
         model = SSLMetaArch(cfg).to(device)
         model.prepare_for_distributed_training()
         if args.eval_only:
