@@ -270,3 +270,20 @@ def test_ibot_centering_keeps_dinov2_layout_and_shapes(no_collectives):
 def test_centering_levels_must_match_the_centre():
     with pytest.raises(ValueError, match=r"pass n_prototypes_per_level=\[8, 16\]"):
         MRLDINOLoss(16).softmax_center_teacher((torch.randn(2, 8), torch.randn(2, 16)), teacher_temp=0.1)
+
+
+def test_sinkhorn_knopp_with_underflowing_prototypes_stays_finite():
+    """Logits spread far beyond exp()'s range (a large head init at a low teacher temperature) give finite
+    targets: a row or prototype whose every entry underflowed in exp() gets weight 0 instead of NaN, the
+    others still sum to 1."""
+    from franca.loss.sinkhorn_knopp import sinkhorn_knopp
+
+    torch.manual_seed(0)
+    logits = torch.randn(8, 64) * 40.0
+    (targets,) = sinkhorn_knopp([logits], temperature=0.04)
+    assert torch.isfinite(targets).all()
+    row_sums = targets.sum(1)
+    kept = row_sums > 0.5
+    assert kept.any()
+    torch.testing.assert_close(row_sums[kept], torch.ones(int(kept.sum())), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(row_sums[~kept], torch.zeros(int((~kept).sum())))

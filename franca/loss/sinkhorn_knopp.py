@@ -31,6 +31,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+# Floor of a row or column total: a prototype (or sample) whose every entry underflowed in exp() keeps
+# weight 0 instead of turning 0 · (1/0) into NaN; normal totals are far above it and unchanged.
+_TINY = torch.finfo(torch.float32).tiny
 # Largest exponent kept: exp(60) summed over 1e12 rows still fits in float32 (max ~3.4e38).
 _MAX_EXPONENT = 60.0
 
@@ -87,10 +90,10 @@ def sinkhorn_knopp(
         column_totals = [e.sum(0) if v is None else torch.mv(e.t(), v) for e, v in zip(exps, sample_scale)]
         if distributed:
             column_totals = _all_reduce_levels(column_totals)
-        prototype_scale = [t.mul_(e.shape[1]).reciprocal_() for t, e in zip(column_totals, exps)]
+        prototype_scale = [t.mul_(e.shape[1]).clamp_(min=_TINY).reciprocal_() for t, e in zip(column_totals, exps)]
         last = iteration == n_iterations - 1
         sample_scale = [
-            (row if last else row.mul_(b)).reciprocal_()
+            (row if last else row.mul_(b)).clamp_(min=_TINY).reciprocal_()
             for row, b in ((torch.mv(e, u), b) for e, u, b in zip(exps, prototype_scale, totals_b))
         ]
     return tuple(e.mul_(u).mul_(v.unsqueeze(1)) for e, u, v in zip(exps, prototype_scale, sample_scale))
