@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import os
-import random
 import socket
 import time
 from pathlib import Path
@@ -25,8 +24,7 @@ import torch.multiprocessing as mp
 
 import franca.models.vision_transformer as vits
 from franca import fsdp
-from franca.data.collate import collate_data_and_cast
-from franca.data.masking import MaskingGenerator
+from franca.data.synthetic import random_collated_batch
 from franca.fsdp.policy import sharding_plan
 from franca.train.ssl_meta_arch import SSLMetaArch
 from franca.utils.config import load_config_file
@@ -87,28 +85,7 @@ def tiny_cfg(*overrides: str):
 
 def rank_batch(cfg, rank: int) -> dict:
     """Rank ``rank``'s share: random crops of BATCH images through the real masking and collate."""
-    random.seed(1000 + rank)
-    gen = torch.Generator().manual_seed(1000 + rank)
-    samples = [
-        (
-            {
-                "global_crops": [torch.randn(3, GLOBAL, GLOBAL, generator=gen) for _ in range(2)],
-                "local_crops": [torch.randn(3, LOCAL, LOCAL, generator=gen) for _ in range(N_LOCAL)],
-            },
-            0,
-        )
-        for _ in range(BATCH)
-    ]
-    side = GLOBAL // PATCH
-    masking = MaskingGenerator(input_size=(side, side), max_num_patches=0.5 * side * side, min_aspect=0.3)
-    return collate_data_and_cast(
-        samples,
-        mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
-        mask_probability=cfg.ibot.mask_sample_probability,
-        dtype=torch.float32,
-        n_tokens=side * side,
-        mask_generator=masking,
-    )
+    return random_collated_batch(cfg, seed=1000 + rank)
 
 
 def concatenated_batch(batches: list[dict]) -> dict:

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import franca.models.vision_transformer as vits
-from franca.data.collate import collate_data_and_cast
-from franca.data.masking import MaskingGenerator
+from franca.data.synthetic import random_collated_batch
 from franca.loss import KoLeoLoss
 from franca.train.ssl_meta_arch import SSLMetaArch
 from franca.utils.config import load_config_file
@@ -66,36 +64,7 @@ def tiny_cfg(*overrides: str):
 
 def make_batch(cfg, seed: int = 0, dtype=torch.float32) -> dict:
     """A batch of random crops through the real MaskingGenerator and collate_data_and_cast."""
-    random.seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    g, lo, n_local = cfg.crops.global_crops_size, cfg.crops.local_crops_size, cfg.crops.local_crops_number
-    samples = [
-        (
-            {
-                "global_crops": [torch.randn(3, g, g, generator=gen) for _ in range(2)],
-                "local_crops": [torch.randn(3, lo, lo, generator=gen) for _ in range(n_local)],
-            },
-            0,
-        )
-        for _ in range(cfg.train.batch_size_per_gpu)
-    ]
-    side = g // cfg.student.patch_size
-    masking = MaskingGenerator(
-        input_size=(side, side),
-        max_num_patches=0.5 * side * side,
-        min_aspect=0.3,
-        use_block_masking=cfg.train.use_block_masking,
-        use_inverse_block=cfg.train.use_inverse_block,
-        roll=cfg.train.roll,
-    )
-    return collate_data_and_cast(
-        samples,
-        mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
-        mask_probability=cfg.ibot.mask_sample_probability,
-        dtype=dtype,
-        n_tokens=side * side,
-        mask_generator=masking,
-    )
+    return random_collated_batch(cfg, seed, dtype)
 
 
 def build(*overrides: str, seed: int = 0) -> SSLMetaArch:

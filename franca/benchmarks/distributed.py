@@ -25,7 +25,6 @@ import argparse
 import functools
 import json
 import os
-import random
 import socket
 import tempfile
 import time
@@ -36,8 +35,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from franca.benchmarks.common import median, peak_memory_mb
-from franca.data.collate import collate_data_and_cast
-from franca.data.masking import MaskingGenerator
+from franca.data.synthetic import random_collated_batch
 from franca.train.ssl_meta_arch import SSLMetaArch
 from franca.utils.config import load_config_file
 
@@ -51,29 +49,7 @@ def _cfg(batch: int):
 
 
 def _batch(cfg, seed: int) -> dict:
-    random.seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    g, lo, n_local = cfg.crops.global_crops_size, cfg.crops.local_crops_size, cfg.crops.local_crops_number
-    samples = [
-        (
-            {
-                "global_crops": [torch.randn(3, g, g, generator=gen) for _ in range(2)],
-                "local_crops": [torch.randn(3, lo, lo, generator=gen) for _ in range(n_local)],
-            },
-            0,
-        )
-        for _ in range(cfg.train.batch_size_per_gpu)
-    ]
-    side = g // cfg.student.patch_size
-    masking = MaskingGenerator(input_size=(side, side), max_num_patches=0.5 * side * side, min_aspect=0.3)
-    return collate_data_and_cast(
-        samples,
-        mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
-        mask_probability=cfg.ibot.mask_sample_probability,
-        dtype=torch.float32,
-        n_tokens=side * side,
-        mask_generator=masking,
-    )
+    return random_collated_batch(cfg, seed)
 
 
 def _step_fn(cfg, seed: int):

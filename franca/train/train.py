@@ -53,7 +53,7 @@ from franca import fsdp
 from franca.data.augmentations import DataAugmentationDINO
 from franca.data.collate import collate_data_and_cast
 from franca.data.loaders import default_sampler_type, make_data_loader, make_dataset
-from franca.data.masking import MaskingGenerator
+from franca.data.synthetic import make_mask_generator
 from franca.logging import MetricLogger, setup_logging
 from franca.train.checkpointing import Checkpointer, list_checkpoints, restore_rng_state
 from franca.train.schedules import CosineScheduler
@@ -192,14 +192,6 @@ def build_data_loader(cfg: DictConfig, sampler_advance: int = 0, input_dtype: to
     ``sampler_advance`` is the number of samples this rank already consumed (resume).
     """
     grid = cfg.crops.global_crops_size // cfg.student.patch_size
-    mask_generator = MaskingGenerator(
-        input_size=(grid, grid),
-        max_num_patches=0.5 * grid * grid,
-        use_block_masking=cfg.train.use_block_masking,
-        use_inverse_block=cfg.train.use_inverse_block,
-        roll=cfg.train.roll,
-        min_aspect=0.3,
-    )
     augmentation = DataAugmentationDINO(
         cfg.crops.global_crops_scale,
         cfg.crops.local_crops_scale,
@@ -213,7 +205,7 @@ def build_data_loader(cfg: DictConfig, sampler_advance: int = 0, input_dtype: to
         mask_ratio_tuple=cfg.ibot.mask_ratio_min_max,
         mask_probability=cfg.ibot.mask_sample_probability,
         n_tokens=grid * grid,
-        mask_generator=mask_generator,
+        mask_generator=make_mask_generator(cfg),
         dtype=input_dtype,
     )
     dataset = make_dataset(cfg.train.dataset_path, transform=augmentation, target_transform=None)
