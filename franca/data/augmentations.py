@@ -92,15 +92,17 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     return torch.tensordot(x.new_tensor(_GRAY_WEIGHTS), x, dims=1).unsqueeze(0)
 
 
-def _shift_hue(x: torch.Tensor, steps: int) -> torch.Tensor:
-    """Rotate the HSV hue of a float RGB crop ``(3, H, W)`` by ``steps``/255 of a turn, keeping S and V.
+def _shift_hue(x: torch.Tensor, steps: int | torch.Tensor) -> torch.Tensor:
+    """Rotate the HSV hue of float RGB crops ``(..., 3, H, W)`` by ``steps``/255 of a turn, keeping S and V.
+
+    ``steps`` is an int or an integer tensor broadcasting against ``(..., H, W)`` (one shift per crop).
 
     As PIL's HSV round trip: the hue h ∈ [0, 6) sextants is quantised to the 8-bit level
     ``L = ⌊255 h / 6⌋``, shifted to ``(L + steps) mod 256`` and mapped back to ``h' = 6 L' / 255``;
     channel n ∈ (R, G, B) of the result is ``V − C · clamp(min(k, 4 − k), 0, 1)`` with
     ``k = (h' + (5, 3, 1)[n]) mod 6``, V = max and C = max − min of the pixel.
     """
-    red, green, blue = x.unbind(0)
+    red, green, blue = x.unbind(-3)
     value = torch.maximum(torch.maximum(red, green), blue)
     chroma = value - torch.minimum(torch.minimum(red, green), blue)
     scaled_hue = torch.where(
@@ -110,9 +112,11 @@ def _shift_hue(x: torch.Tensor, steps: int) -> torch.Tensor:
     )
     hue = scaled_hue.div_(chroma.clamp(min=1e-6)).remainder_(6)
     level = hue.mul_(255 / 6).long().add_(steps).bitwise_and_(255)
-    phase = (torch.arange(256, dtype=x.dtype) * (6 / 255) + _HUE_OFFSETS.view(3, 1)).remainder_(6)
+    offsets = _HUE_OFFSETS.to(device=x.device, dtype=x.dtype).view(3, 1)
+    phase = (torch.arange(256, dtype=x.dtype, device=x.device) * (6 / 255) + offsets).remainder_(6)
     table = torch.minimum(phase, 4 - phase).clamp_(0, 1)  # (3, 256): fraction of C removed per level
-    return value - chroma * table.index_select(1, level.view(-1)).view(x.shape)
+    removed = table.index_select(1, level.reshape(-1)).view(3, *level.shape).movedim(0, -3)
+    return value.unsqueeze(-3) - chroma.unsqueeze(-3) * removed
 
 
 def _color_jitter(x: torch.Tensor, u: _Uniforms) -> torch.Tensor:

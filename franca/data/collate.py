@@ -72,7 +72,21 @@ def collate_data_and_cast(
     collated_global = _stack_crops(global_list, dtype, mean, std)
     collated_local = _stack_crops(local_list, dtype, mean, std) if local_list else torch.empty(0, dtype=dtype)
 
-    n_images = len(global_list)
+    return {
+        "collated_global_crops": collated_global,
+        "collated_local_crops": collated_local,
+        **draw_masks(len(global_list), mask_ratio_tuple, mask_probability, n_tokens, mask_generator),
+    }
+
+
+def draw_masks(
+    n_images: int,
+    mask_ratio_tuple: Sequence[float],
+    mask_probability: float,
+    n_tokens: int,
+    mask_generator: Callable[[int], np.ndarray],
+) -> dict:
+    """The iBOT masks of ``n_images`` global crops and their derived keys (see :func:`collate_data_and_cast`)."""
     n_masked_images = int(n_images * mask_probability)
     probs = torch.linspace(*mask_ratio_tuple, n_masked_images + 1)
     upperbound = 0
@@ -89,11 +103,32 @@ def collate_data_and_cast(
     per_image = collated_masks.sum(-1, keepdim=True).clamp(min=1).float()
     masks_weight = (1 / per_image).expand_as(collated_masks)[collated_masks]
     return {
-        "collated_global_crops": collated_global,
-        "collated_local_crops": collated_local,
         "collated_masks": collated_masks,
         "mask_indices_list": mask_indices_list,
         "masks_weight": masks_weight,
         "upperbound": upperbound,
         "n_masked_patches": torch.full((1,), fill_value=mask_indices_list.shape[0], dtype=torch.long),
+    }
+
+
+def collate_encoded(
+    samples_list: Sequence[tuple[torch.Tensor, str]],
+    n_global_crops: int,
+    mask_ratio_tuple: Sequence[float],
+    mask_probability: float,
+    n_tokens: int,
+    mask_generator: Callable[[int], np.ndarray],
+) -> dict:
+    """Batch of encoded images for the device-side augmentation (``train.batch_augmentation``).
+
+    Returns ``encoded_images`` (list of 1-D uint8 tensors), ``image_sources`` and the mask keys of
+    :func:`collate_data_and_cast` for ``n_global_crops · B`` global crops; the crops themselves are rendered
+    on the training device by :class:`~franca.data.batch_augmentations.BatchAugmentationDINO`.
+    """
+    if not samples_list:
+        raise ValueError("collate_encoded: empty batch")
+    return {
+        "encoded_images": [data for data, _ in samples_list],
+        "image_sources": [source for _, source in samples_list],
+        **draw_masks(n_global_crops * len(samples_list), mask_ratio_tuple, mask_probability, n_tokens, mask_generator),
     }

@@ -51,7 +51,8 @@ from omegaconf import DictConfig
 import franca.distributed as distributed
 from franca import fsdp
 from franca.data.augmentations import DataAugmentationDINO
-from franca.data.collate import collate_data_and_cast
+from franca.data.batch_augmentations import BatchAugmentationDINO, EncodedImages, decode_batch
+from franca.data.collate import collate_data_and_cast, collate_encoded
 from franca.data.loaders import default_sampler_type, make_data_loader, make_dataset
 from franca.data.synthetic import make_mask_generator
 from franca.logging import MetricLogger, setup_logging
@@ -187,28 +188,32 @@ def training_step(
 
 
 def build_data_loader(cfg: DictConfig, sampler_advance: int = 0, input_dtype: torch.dtype = torch.float32):
-    """Dataset → DataAugmentationDINO → collate_data_and_cast with the CyclicMask generator.
+    """Dataset → DataAugmentationDINO → collate_data_and_cast with the CyclicMask generator, or, with
+    ``train.batch_augmentation``, encoded bytes → collate_encoded (crops rendered later by :func:`render_crops`).
 
     ``sampler_advance`` is the number of samples this rank already consumed (resume).
     """
     grid = cfg.crops.global_crops_size // cfg.student.patch_size
-    augmentation = DataAugmentationDINO(
-        cfg.crops.global_crops_scale,
-        cfg.crops.local_crops_scale,
-        cfg.crops.local_crops_number,
-        global_crops_size=cfg.crops.global_crops_size,
-        local_crops_size=cfg.crops.local_crops_size,
-        uint8_crops=True,
-    )
-    collate_fn = partial(
-        collate_data_and_cast,
-        mask_ratio_tuple=cfg.ibot.mask_ratio_min_max,
-        mask_probability=cfg.ibot.mask_sample_probability,
-        n_tokens=grid * grid,
-        mask_generator=make_mask_generator(cfg),
-        dtype=input_dtype,
-    )
-    dataset = make_dataset(cfg.train.dataset_path, transform=augmentation, target_transform=None)
+    masking = {
+        "mask_ratio_tuple": cfg.ibot.mask_ratio_min_max,
+        "mask_probability": cfg.ibot.mask_sample_probability,
+        "n_tokens": grid * grid,
+        "mask_generator": make_mask_generator(cfg),
+    }
+    if cfg.train.batch_augmentation:
+        dataset = EncodedImages(make_dataset(cfg.train.dataset_path))
+        collate_fn = partial(collate_encoded, n_global_crops=2, **masking)
+    else:
+        augmentation = DataAugmentationDINO(
+            cfg.crops.global_crops_scale,
+            cfg.crops.local_crops_scale,
+            cfg.crops.local_crops_number,
+            global_crops_size=cfg.crops.global_crops_size,
+            local_crops_size=cfg.crops.local_crops_size,
+            uint8_crops=True,
+        )
+        collate_fn = partial(collate_data_and_cast, dtype=input_dtype, **masking)
+        dataset = make_dataset(cfg.train.dataset_path, transform=augmentation, target_transform=None)
     return make_data_loader(
         dataset=dataset,
         batch_size=cfg.train.batch_size_per_gpu,
@@ -221,6 +226,26 @@ def build_data_loader(cfg: DictConfig, sampler_advance: int = 0, input_dtype: to
         persistent_workers=cfg.train.num_workers > 0,
         collate_fn=collate_fn,
     )
+
+
+def build_batch_augmentation(cfg: DictConfig) -> BatchAugmentationDINO | None:
+    """The device-side augmentation of ``train.batch_augmentation`` (None when the workers augment)."""
+    if not cfg.train.batch_augmentation:
+        return None
+    return BatchAugmentationDINO(
+        cfg.crops.global_crops_scale,
+        cfg.crops.local_crops_scale,
+        cfg.crops.local_crops_number,
+        global_crops_size=cfg.crops.global_crops_size,
+        local_crops_size=cfg.crops.local_crops_size,
+    )
+
+
+def render_crops(batch: dict, augmentation: BatchAugmentationDINO, device: torch.device, dtype: torch.dtype) -> dict:
+    """Decode ``batch["encoded_images"]`` on ``device`` and add the collated global and local crops."""
+    images = decode_batch(batch.pop("encoded_images"), batch.pop("image_sources"), device)
+    batch["collated_global_crops"], batch["collated_local_crops"] = augmentation(images, dtype)
+    return batch
 
 
 def _input_dtype(model: SSLMetaArch) -> torch.dtype:
@@ -334,6 +359,7 @@ def do_train(cfg: DictConfig, model: SSLMetaArch, resume: bool = True, log_perio
     if state.get("rng") is not None:
         restore_rng_state(state["rng"])
 
+    batch_augmentation = build_batch_augmentation(cfg)
     metric_logger = MetricLogger(output_file=str(metrics_path), tensorboard_dir=str(output_dir / "tensorboard"))
     iteration = start_iter
     for batch in metric_logger.log_every(
@@ -349,6 +375,8 @@ def do_train(cfg: DictConfig, model: SSLMetaArch, resume: bool = True, log_perio
         mom, teacher_temp = momentum_schedule[iteration], teacher_temp_schedule[iteration]
         last_layer_lr = last_layer_lr_schedule[iteration]
         apply_optim_scheduler(optimizer, lr, wd, last_layer_lr)
+        if batch_augmentation is not None:
+            batch = render_crops(batch, batch_augmentation, model.device, _input_dtype(model))
 
         losses = training_step(
             model,
