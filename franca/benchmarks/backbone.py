@@ -76,9 +76,12 @@ def import_official(root: Path) -> ModuleType | None:
             os.environ["XFORMERS_DISABLED"] = previous_flag
 
 
-def _workloads(module: ModuleType, device: str, packed: bool) -> dict[str, Callable[[], None]]:
+def _workloads(module: ModuleType, device: str, packed: bool, compiled: bool = False) -> dict[str, Callable[[], None]]:
     torch.manual_seed(0)
     model = module.vit_small(**VITS_KWARGS).to(device).train()
+    if compiled:  # what train.compile does: every block compiled in place (the warm-up call compiles)
+        for block in model.blocks:
+            block.compile(dynamic=False)
     half = device == "cuda"
     x = torch.randn(8, 3, GLOBAL_SIZE, GLOBAL_SIZE, device=device)
     crops = [
@@ -117,6 +120,8 @@ def run(quick: bool = False, compare_official: bool = True) -> list[dict]:
     """Rows for our backbone (auto attention backend: SDPA on CPU) and, when checked out, the official module."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     impls = {"ours": _workloads(ours, device, packed=True)}
+    if not quick:
+        impls["ours[train.compile]"] = _workloads(ours, device, packed=True, compiled=True)
     official = import_official(OFFICIAL_ROOT) if compare_official and device == "cpu" else None
     if official is not None:
         impls["official[no xformers]"] = _workloads(official, device, packed=False)

@@ -35,15 +35,14 @@ from franca.data.augmentations import (
     _GRAYSCALE_P,
     _JITTER,
     _JITTER_P,
-    _SOLARIZE_P,
     _SOLARIZE_THRESHOLD,
+    DataAugmentationDINO,
     _crop_box,
     _gray,
     _shift_hue,
     _Uniforms,
 )
 from franca.data.datasets.decoders import decode_image, warn_unreadable
-from franca.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 _JPEG_MAGIC = b"\xff\xd8"
 
@@ -157,42 +156,21 @@ def _blur_batch(x: Tensor, sigmas: Tensor) -> Tensor:
     return out.view(n, channels, height, width)
 
 
-class BatchAugmentationDINO:
+class BatchAugmentationDINO(DataAugmentationDINO):
     """Batched multi-crop augmentation: decoded uint8 images → normalised global and local crop batches.
 
-    ``__call__(images)`` with ``images`` a list of B ``(3, H_i, W_i)`` uint8 tensors on ``device`` returns
-    ``(global (2B, 3, S, S), local (n_local·B, 3, s, s))`` in ``dtype``, crop-major like
-    :func:`~franca.data.collate.collate_data_and_cast`. Arguments are those of ``DataAugmentationDINO``.
+    Built with the arguments of :class:`~franca.data.augmentations.DataAugmentationDINO` (``uint8_crops`` and
+    ``jpeg_draft`` do not apply: decoding is separate, see :func:`decode_batch`). ``__call__(images)`` with
+    ``images`` a list of B ``(3, H_i, W_i)`` uint8 tensors on one device returns ``(global (2B, 3, S, S),
+    local (n_local·B, 3, s, s))`` in ``dtype``, crop-major like :func:`~franca.data.collate.collate_data_and_cast`.
     """
-
-    def __init__(
-        self,
-        global_crops_scale: Sequence[float],
-        local_crops_scale: Sequence[float],
-        local_crops_number: int,
-        global_crops_size: int = 224,
-        local_crops_size: int = 96,
-        *,
-        blur_probabilities: Sequence[float] = (0.0, 0.9, 0.5),
-        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-        std: Sequence[float] = IMAGENET_DEFAULT_STD,
-    ) -> None:
-        if local_crops_number < 0:
-            raise ValueError(f"local_crops_number must be >= 0, got {local_crops_number}")
-        blur_g1, blur_g2, blur_local = blur_probabilities
-        # (output size, crop scale, blur probability, solarisation probability) per crop, as the CPU path
-        self.crop_specs = [
-            (global_crops_size, tuple(global_crops_scale), blur_g1, 0.0),
-            (global_crops_size, tuple(global_crops_scale), blur_g2, _SOLARIZE_P),
-        ] + [(local_crops_size, tuple(local_crops_scale), blur_local, 0.0)] * local_crops_number
-        self.mean, self.std = tuple(mean), tuple(std)
 
     def __call__(self, images: Sequence[Tensor], dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
         if not images:
             raise ValueError("BatchAugmentationDINO: empty batch")
         device = images[0].device
-        u = _Uniforms(block=40 * len(self.crop_specs) * len(images))
-        crops = [self._render_group(images, spec, u, device, dtype) for spec in self.crop_specs]
+        u = _Uniforms(block=40 * len(self._crop_specs) * len(images))
+        crops = [self._render_group(images, spec, u, device, dtype) for spec in self._crop_specs]
         global_crops = torch.cat(crops[:2])
         local_crops = torch.cat(crops[2:]) if len(crops) > 2 else torch.empty(0, dtype=dtype, device=device)
         return global_crops, local_crops
