@@ -151,7 +151,7 @@ def run_demo(
     out: Path,
     train_overrides: Sequence[str] = (),
     rasa_iterations: int = 8,
-    train_per_class: int = 200,
+    train_per_class: int = 500,
     val_per_class: int = 50,
 ) -> dict[str, object]:
     """Run every step of the demo into ``out``; return (and write) the summary."""
@@ -240,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--rasa-iterations", type=int, default=8, help="RASA iterations (2-D directions removed, default: 8)"
     )
-    parser.add_argument("--train-per-class", type=int, default=200, help="demo training images per class")
+    parser.add_argument("--train-per-class", type=int, default=500, help="demo training images per class")
     parser.add_argument("--val-per-class", type=int, default=50, help="demo held-out images per class")
     parser.add_argument("opts", nargs="*", help="training config overrides key=value (e.g. optim.epochs=5)")
     args = parser.parse_args(argv)

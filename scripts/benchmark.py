@@ -190,6 +190,7 @@ def _print_report(machine: dict, rows: list[dict], compare_rows: list[dict]) -> 
             "official s",
             "ratio",
             "paired",
+            "best",
             "target",
             "met",
             "GFLOP/s",
