@@ -21,8 +21,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tiny_ssl import N_LOCAL, tiny_ssl_cfg
 
-import franca.models.vision_transformer as vits
 from franca import fsdp
 from franca.data.synthetic import random_collated_batch
 from franca.fsdp.policy import sharding_plan
@@ -31,7 +31,6 @@ from franca.utils.config import load_config_file
 
 WORLD_SIZE = 2
 BATCH = 2  # images per rank
-GLOBAL, LOCAL, PATCH, N_LOCAL = 32, 16, 8, 2
 TEACHER_TEMP, MOMENTUM, LR = 0.05, 0.9, 1e-3
 CLIP = 5e-3  # below the first-step gradient norm of every part (backbone ~7e-3), so clipping is active
 TIMEOUT_S = 120
@@ -43,44 +42,15 @@ PROTOTYPE_SCALE = 20.0
 GRAD_RTOL = 1e-4
 
 
-def vit_test_tiny(patch_size: int = PATCH, num_register_tokens: int = 0, **kwargs):
-    """2 blocks, width 64: registered on ``franca.models.vision_transformer`` like a user architecture."""
-    return vits.DinoVisionTransformer(
-        patch_size=patch_size, embed_dim=64, depth=2, num_heads=2, num_register_tokens=num_register_tokens, **kwargs
-    )
-
-
 def tiny_cfg(*overrides: str):
-    vits.vit_test_tiny = vit_test_tiny
     fp32 = "{param_dtype: fp32, reduce_dtype: fp32, buffer_dtype: fp32}"
     precision = [
         f"compute_precision.{role}.{part}.mixed_precision={fp32}"
         for role in ("student", "teacher")
         for part in ("backbone", "dino_head", "ibot_head")
     ]
-    base = [
-        "student.arch=vit_test_tiny",
-        f"student.patch_size={PATCH}",
-        "student.drop_path_rate=0.0",
-        "student.layerscale=0.1",
-        "student.block_chunks=2",
-        f"crops.global_crops_size={GLOBAL}",
-        f"crops.local_crops_size={LOCAL}",
-        f"crops.local_crops_number={N_LOCAL}",
-        f"train.batch_size_per_gpu={BATCH}",
-        "dino.head_n_prototypes=128",
-        "dino.head_hidden_dim=64",
-        "dino.head_bottleneck_dim=32",
-        "dino.koleo_loss_weight=0.0",
-        "ibot.head_n_prototypes=128",
-        "ibot.head_hidden_dim=64",
-        "ibot.head_bottleneck_dim=32",
-        "ibot.separate_head=true",
-        "ibot.mask_sample_probability=0.5",
-        "compute_precision.grad_scaler=false",
-        *precision,
-    ]
-    return load_config_file(None, base + list(overrides))
+    fixed = ["student.block_chunks=2", "dino.koleo_loss_weight=0.0", "compute_precision.grad_scaler=false"]
+    return tiny_ssl_cfg(BATCH, *fixed, *precision, *overrides)
 
 
 def rank_batch(cfg, rank: int) -> dict:

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_ssl import N_LOCAL, tiny_ssl_cfg
 
-import franca.models.vision_transformer as vits
 from franca.data.synthetic import random_collated_batch
 from franca.loss import KoLeoLoss
 from franca.train.ssl_meta_arch import SSLMetaArch
@@ -16,50 +16,13 @@ from franca.utils.config import load_config_file
 from franca.utils.param_groups import get_params_groups_with_decay
 
 LOSS_KEYS = {"dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss"}
-GLOBAL, LOCAL, PATCH, BATCH, N_LOCAL = 32, 16, 8, 4, 2
-
-
-def vit_test_tiny(patch_size: int = PATCH, num_register_tokens: int = 0, **kwargs):
-    """A 2-block, 64-wide ViT registered as an architecture the way a user would add one."""
-    return vits.DinoVisionTransformer(
-        patch_size=patch_size,
-        embed_dim=64,
-        depth=2,
-        num_heads=2,
-        mlp_ratio=4,
-        num_register_tokens=num_register_tokens,
-        **kwargs,
-    )
-
-
-@pytest.fixture(autouse=True)
-def _tiny_arch(monkeypatch):
-    monkeypatch.setattr(vits, "vit_test_tiny", vit_test_tiny, raising=False)
+BATCH = 4
 
 
 def tiny_cfg(*overrides: str):
-    base = [
-        "student.arch=vit_test_tiny",
-        f"student.patch_size={PATCH}",
-        "student.drop_path_rate=0.0",
-        "student.layerscale=0.1",
-        "student.ffn_layer=mlp",
-        "student.block_chunks=0",
-        f"crops.global_crops_size={GLOBAL}",
-        f"crops.local_crops_size={LOCAL}",
-        f"crops.local_crops_number={N_LOCAL}",
-        f"train.batch_size_per_gpu={BATCH}",
-        "dino.head_n_prototypes=128",
-        "dino.head_hidden_dim=64",
-        "dino.head_bottleneck_dim=32",
-        "ibot.head_n_prototypes=128",
-        "ibot.head_hidden_dim=64",
-        "ibot.head_bottleneck_dim=32",
-        "ibot.separate_head=true",
-        "ibot.mask_sample_probability=0.5",
-        "optim.layerwise_decay=0.9",
-    ]
-    return load_config_file(None, base + list(overrides))
+    return tiny_ssl_cfg(
+        BATCH, "student.ffn_layer=mlp", "student.block_chunks=0", "optim.layerwise_decay=0.9", *overrides
+    )
 
 
 def make_batch(cfg, seed: int = 0, dtype=torch.float32) -> dict:
