@@ -56,6 +56,7 @@ def test_reduced_demo_writes_every_artefact_and_is_idempotent(tmp_path: Path) ->
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # the whole demo: ~13 minutes on 2 quiet cores
 def test_full_demo_trained_teacher_beats_random_init(tmp_path: Path) -> None:
     """The trained teacher must be clearly better than the random-init network: one k-NN accuracy on the 500
     held-out images has a standard error of ~2 points, so 6 points is 2σ of the difference. Measured: +11.2
