@@ -162,9 +162,10 @@ def _print_report(machine: dict, rows: list[dict], compare_rows: list[dict]) -> 
         )
     print("\n")
     if rows:
-        headers = ["module", "workload", "impl", "seconds", "img/s", "GFLOP/s", "% matmul", "MFU %", "peak MB"]
-        lines = [
-            [
+        _print_table(
+            ["module", "workload", "impl", "seconds", "img/s", "GFLOP/s", "% matmul", "MFU %", "peak MB"],
+            rows,
+            lambda r: [
                 r["module"],
                 r["workload"],
                 r.get("impl", ""),
@@ -174,32 +175,28 @@ def _print_report(machine: dict, rows: list[dict], compare_rows: list[dict]) -> 
                 r.get("pct_of_matmul"),
                 r.get("mfu_pct"),
                 r.get("peak_mem_mb"),
-            ]
-            for r in rows
-            if "error" not in r
-        ]
-        print(_table(headers, lines))
-        for r in rows:
-            if "error" in r:
-                print(f"\n{r['module']}: {r['error']}")
+            ],
+            name_key="module",
+        )
     if compare_rows:
         print("\nours vs official (medians of interleaved runs in separate processes)\n")
-        headers = [
-            "workload",
-            "ours s",
-            "official s",
-            "ratio",
-            "paired",
-            "best",
-            "target",
-            "met",
-            "GFLOP/s",
-            "% matmul",
-            "ours MB",
-            "official MB",
-        ]
-        lines = [
+        _print_table(
             [
+                "workload",
+                "ours s",
+                "official s",
+                "ratio",
+                "paired",
+                "best",
+                "target",
+                "met",
+                "GFLOP/s",
+                "% matmul",
+                "ours MB",
+                "official MB",
+            ],
+            compare_rows,
+            lambda r: [
                 r["workload"],
                 r["seconds"],
                 r["official_seconds"],
@@ -212,14 +209,17 @@ def _print_report(machine: dict, rows: list[dict], compare_rows: list[dict]) -> 
                 r.get("pct_of_matmul"),
                 r["peak_mem_mb"],
                 r["official_peak_mem_mb"],
-            ]
-            for r in compare_rows
-            if "error" not in r
-        ]
-        print(_table(headers, lines))
-        for r in compare_rows:
-            if "error" in r:
-                print(f"\n{r['workload']}: {r['error']}")
+            ],
+            name_key="workload",
+        )
+
+
+def _print_table(headers: list[str], rows: list[dict], cells, name_key: str) -> None:
+    """The rows without an ``error`` as a table (``cells(row)`` gives a line), then each error under its name."""
+    print(_table(headers, [cells(r) for r in rows if "error" not in r]))
+    for r in rows:
+        if "error" in r:
+            print(f"\n{r[name_key]}: {r['error']}")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

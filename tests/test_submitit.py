@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train_loop import tiny_overrides
 
 from franca.data.datasets.demo import write_demo_dataset
 from franca.run import submit as run_submit
@@ -23,26 +24,18 @@ from franca.utils.config import resolve_config_file
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _tiny_overrides(data_root: Path, extra: dict | None = None) -> list[str]:
-    """cpu_tiny on 32-px crops, batch 2 per rank, one epoch of 2 iterations, teacher export at iteration 2."""
+def _tiny_overrides(data_root: Path, output_dir: Path, **extra) -> list[str]:
+    """test_train_loop's tiny run with the shipped vit_pico (the job's processes do not know vit_test_tiny),
+    batch 2 per rank, one epoch of 2 iterations, no warm-up, teacher export at iteration 2."""
     values = {
-        "train.dataset_path": f"ImageFolder:root={data_root}/train",
+        "student.arch": "vit_pico",
         "train.batch_size_per_gpu": 2,
-        "train.num_workers": 0,
-        "train.OFFICIAL_EPOCH_LENGTH": 2,
-        "train.saveckp_freq": 1,
-        "crops.global_crops_size": 32,
-        "crops.local_crops_size": 16,
-        "crops.local_crops_number": 2,
-        "dino.head_n_prototypes": 64,
-        "ibot.head_n_prototypes": 64,
         "optim.epochs": 1,
         "optim.warmup_epochs": 0,
         "teacher.warmup_teacher_temp_epochs": 0,
-        "evaluation.eval_period_iterations": 2,
-        **(extra or {}),
+        **extra,
     }
-    return [f"{key}={value}" for key, value in values.items()]
+    return tiny_overrides(data_root, output_dir, **values)
 
 
 def test_local_executor_runs_a_two_rank_job_with_checkpoint_and_metrics(tmp_path, monkeypatch):
@@ -50,7 +43,7 @@ def test_local_executor_runs_a_two_rank_job_with_checkpoint_and_metrics(tmp_path
     data = write_demo_dataset(tmp_path / "demo", n_train_per_class=2, n_val_per_class=1, image_size=32)
     output = tmp_path / "run"
     argv = ["--cluster", "local", "--nodes", "1", "--ngpus", "2", "--timeout", "5", "--wait"]
-    argv += ["--config-file", "train/cpu_tiny", "--output-dir", str(output), *_tiny_overrides(data)]
+    argv += ["--config-file", "train/cpu_tiny", "--output-dir", str(output), *_tiny_overrides(data, output)]
     assert launch(argv) == 0
 
     checkpoints = list_checkpoints(output)
@@ -68,7 +61,9 @@ def test_local_executor_runs_a_two_rank_job_with_checkpoint_and_metrics(tmp_path
 
     # saved by 2 ranks, resumed by 1 process: continues at iteration 2 with the 2 ranks' samples skipped
     more = {"optim.epochs": 2, "evaluation.eval_period_iterations": 4}
-    resumed = train_main(["--config-file", "train/cpu_tiny", "--output-dir", str(output), *_tiny_overrides(data, more)])
+    resumed = train_main(
+        ["--config-file", "train/cpu_tiny", "--output-dir", str(output), *_tiny_overrides(data, output, **more)]
+    )
     assert resumed == 0
     checkpoints = list_checkpoints(output)
     assert [iteration for iteration, _ in checkpoints] == [1, 3]

@@ -150,6 +150,13 @@ class DinoVisionTransformer(nn.Module):
         self.rasa_head: nn.Module | None = None
         self.init_weights()
 
+    def compile_blocks(self) -> None:
+        """``torch.compile`` every transformer block in place (``train.compile``): parameter names, checkpoints
+        and FSDP units unchanged; each block is specialised on the crop layouts it sees."""
+        for module in self.blocks.modules():
+            if isinstance(module, Block):
+                module.compile(dynamic=False)
+
     def init_weights(self) -> None:
         """pos_embed ~ TruncNormal(0, 0.02); cls/register tokens ~ N(0, 1e-6²); linear layers as timm; mask 0."""
         trunc_normal_(self.pos_embed, std=0.02)

@@ -34,7 +34,6 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from franca.layers.block import Block
 from franca.layers.dino_head import DINOHead
 from franca.layers.mrl_dino_head import MRLDINOHead
 from franca.loss import KoLeoLoss, MRLDINOLoss, MRLiBOTPatchLoss
@@ -364,17 +363,6 @@ class SSLMetaArch(nn.Module):
             group["foreach"] = True
         return fused
 
-    def compile_blocks(self) -> None:
-        """``torch.compile`` every transformer block of the student and teacher backbones, in place.
-
-        Block by block (as FSDP2 units), so parameter names, checkpoints and sharding are unchanged; each
-        block is specialised on the crop layouts it sees (global crops; global + local crops).
-        """
-        for backbone in (self.student.backbone, self.teacher.backbone):
-            for module in backbone.blocks.modules():
-                if isinstance(module, Block):
-                    module.compile(dynamic=False)
-
     def prepare_for_distributed_training(self) -> None:
         """Copy the student into the teacher, compile the blocks (``train.compile``), then shard both when a
         process group with several ranks exists.
@@ -384,7 +372,8 @@ class SSLMetaArch(nn.Module):
         """
         self.teacher.load_state_dict(self.student.state_dict())
         if self.cfg.train.compile:
-            self.compile_blocks()
+            self.student.backbone.compile_blocks()
+            self.teacher.backbone.compile_blocks()
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
         from franca import fsdp

@@ -204,14 +204,7 @@ def build_data_loader(cfg: DictConfig, sampler_advance: int = 0, input_dtype: to
         dataset = EncodedImages(make_dataset(cfg.train.dataset_path))
         collate_fn = partial(collate_encoded, n_global_crops=2, **masking)
     else:
-        augmentation = DataAugmentationDINO(
-            cfg.crops.global_crops_scale,
-            cfg.crops.local_crops_scale,
-            cfg.crops.local_crops_number,
-            global_crops_size=cfg.crops.global_crops_size,
-            local_crops_size=cfg.crops.local_crops_size,
-            uint8_crops=True,
-        )
+        augmentation = _multi_crop_augmentation(DataAugmentationDINO, cfg, uint8_crops=True)
         collate_fn = partial(collate_data_and_cast, dtype=input_dtype, **masking)
         dataset = make_dataset(cfg.train.dataset_path, transform=augmentation, target_transform=None)
     return make_data_loader(
@@ -232,12 +225,19 @@ def build_batch_augmentation(cfg: DictConfig) -> BatchAugmentationDINO | None:
     """The device-side augmentation of ``train.batch_augmentation`` (None when the workers augment)."""
     if not cfg.train.batch_augmentation:
         return None
-    return BatchAugmentationDINO(
-        cfg.crops.global_crops_scale,
-        cfg.crops.local_crops_scale,
-        cfg.crops.local_crops_number,
-        global_crops_size=cfg.crops.global_crops_size,
-        local_crops_size=cfg.crops.local_crops_size,
+    return _multi_crop_augmentation(BatchAugmentationDINO, cfg)
+
+
+def _multi_crop_augmentation(cls: type[DataAugmentationDINO], cfg: DictConfig, **kwargs) -> DataAugmentationDINO:
+    """``cls`` (the worker or the device-side augmentation) built from ``cfg.crops``."""
+    crops = cfg.crops
+    return cls(
+        crops.global_crops_scale,
+        crops.local_crops_scale,
+        crops.local_crops_number,
+        global_crops_size=crops.global_crops_size,
+        local_crops_size=crops.local_crops_size,
+        **kwargs,
     )
 
 
