@@ -23,3 +23,15 @@ def reference_dir() -> Path:
 def load_reference(name: str) -> dict:
     """Load one reference fixture file with ``weights_only=True``."""
     return torch.load(REFERENCE_DIR / name, map_location="cpu", weights_only=True)
+
+
+def rasa_head_file_state(n_pre_pos_layers: int, width: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A standalone RASA head state dict as the releases store it: ``pos_pred.weight`` and the ``pre_pos_layers``.
+
+    The official release notes (valeoai/Franca ``release_checkpoints.md``) describe two layouts: legacy heads with
+    8 pre-position layers (9 tensors) and current ones with 9 (10 tensors).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    state = {f"pre_pos_layers.{i}.weight": torch.randn(2, width, generator=generator) for i in range(n_pre_pos_layers)}
+    state["pos_pred.weight"] = torch.randn(2, width, generator=generator)
+    return state

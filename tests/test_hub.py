@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import io
 import tarfile
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, load_reference
+from conftest import REPO_ROOT, load_reference, rasa_head_file_state
 
 import franca.hub.backbones as backbones
 from franca.hub import CheckpointError, backbone_state_dict, load_backbone_weights, read_checkpoint
+from franca.hub.release_caveats import RELEASE_CAVEATS
 from franca.models.vision_transformer import DinoVisionTransformer
 
 IO = load_reference("vit_tiny_p14_io.pth")
@@ -67,8 +69,8 @@ def _split_archive(checkpoint: Path, folder: Path, stem: str, pieces: int = 3) -
 
 
 def test_hub_load_from_folder_of_archive_pieces(reference_dir, tmp_path):
-    _split_archive(reference_dir / "vit_tiny_p14_ckpt_chunks4.pth", tmp_path / "vitg", "franca_vitg14_In21K")
-    model = _hub_load("franca_vitg14", local_state_dict=str(tmp_path / "vitg"), **TINY)
+    _split_archive(reference_dir / "vit_tiny_p14_ckpt_chunks4.pth", tmp_path / "vitg", "franca_vitg14_Laion600M")
+    model = _hub_load("franca_vitg14", weights="LAION", local_state_dict=str(tmp_path / "vitg"), **TINY)
     _assert_reference_features(model)
     assert not any(tmp_path.glob("vitg/*.pth"))  # extraction went to a temporary folder
     with pytest.raises(FileNotFoundError, match=r"no checkpoint pieces matching '\*\.tar\.gz\.part_\*'"):
@@ -82,22 +84,22 @@ def test_hub_download_through_torch_hub_cache(reference_dir, tmp_path, monkeypat
     (release / "franca_vitl14_Laion600M.pth").write_bytes(
         (reference_dir / "vit_tiny_p14_ckpt_chunks0.pth").read_bytes()
     )
-    _split_archive(reference_dir / "vit_tiny_p14_ckpt_chunks4.pth", release / "g", "franca_vitg14_In21K")
+    _split_archive(reference_dir / "vit_tiny_p14_ckpt_chunks4.pth", release / "g", "franca_vitg14_Laion600M")
     for piece in (release / "g").iterdir():
         piece.rename(release / piece.name)
     monkeypatch.setattr(backbones, "RELEASE_URL", release.as_uri())
     _assert_reference_features(backbones.franca_vitl14(weights="LAION", **TINY))
-    _assert_reference_features(backbones.franca_vitg14(**TINY))
+    _assert_reference_features(backbones.franca_vitg14(weights="LAION", **TINY))
     cached = {p.name for p in (hub_dir / "checkpoints").iterdir()}
-    assert cached == {"franca_vitl14_Laion600M.pth", "franca_vitg14_In21K.pth"}
+    assert cached == {"franca_vitl14_Laion600M.pth", "franca_vitg14_Laion600M.pth"}
 
 
 def test_offline_without_local_file_says_what_to_do(monkeypatch, hub_dir):
     monkeypatch.setattr(backbones, "RELEASE_URL", UNREACHABLE)
-    with pytest.raises(ConnectionError, match=r"franca_vitl14_In21K\.pth.*pass local_state_dict=PATH"):
-        backbones.franca_vitl14(**TINY)
-    with pytest.raises(ConnectionError, match=r"franca_vitg14_In21K_chunked\.tar\.gz\.part_aa.*local_state_dict"):
-        backbones.franca_vitg14(**TINY)
+    with pytest.raises(ConnectionError, match=r"franca_vitl14_Laion600M\.pth.*pass local_state_dict=PATH"):
+        backbones.franca_vitl14(weights="LAION", **TINY)
+    with pytest.raises(ConnectionError, match=r"franca_vitg14_Laion600M_chunked\.tar\.gz\.part_aa.*local_state_dict"):
+        backbones.franca_vitg14(weights="LAION", **TINY)
     with pytest.raises(ConnectionError, match=r"franca_vitb14_In21K_rasa\.pth.*RASA_local_state_dict=PATH"):
         backbones.franca_vitb14(pretrained=False, use_rasa_head=True, **TINY)
 
@@ -193,6 +195,71 @@ def test_rasa_head_attached_from_local_file(reference_dir, tmp_path):
     bare = DinoVisionTransformer(patch_size=14, **TINY)
     with pytest.raises(ValueError, match="no RASA head is attached"):
         bare.forward_features(x, use_rasa_head=True)
+
+
+@pytest.mark.parametrize("n_pre_pos_layers", [8, 9])
+def test_both_release_rasa_head_layouts_load_through_the_hub(
+    reference_dir, tmp_path, monkeypatch, hub_dir, n_pre_pos_layers
+):
+    """Legacy (8 pre-position layers) and current (9) RASA head files, from a local path and from the release URL."""
+    state = rasa_head_file_state(n_pre_pos_layers)
+    release = tmp_path / "release"
+    release.mkdir()
+    torch.save(state, release / "franca_vitb14_In21K_rasa.pth")
+    monkeypatch.setattr(backbones, "RELEASE_URL", release.as_uri())
+    backbone = str(reference_dir / "vit_tiny_p14_ckpt_chunks4.pth")
+    local = _hub_load(
+        "franca_vitb14",
+        local_state_dict=backbone,
+        use_rasa_head=True,
+        RASA_local_state_dict=str(release / "franca_vitb14_In21K_rasa.pth"),
+        **TINY,
+    ).eval()
+    downloaded = backbones.franca_vitb14(local_state_dict=backbone, use_rasa_head=True, **TINY).eval()
+    x = torch.randn(2, 3, 56, 70, generator=torch.Generator().manual_seed(0))
+    for model in (local, downloaded):
+        assert model.rasa_head.n_pos_layers == n_pre_pos_layers
+        with torch.no_grad():
+            out = model.forward_features(x, use_rasa_head=True)
+        expected = out["x_norm_patchtokens"] @ model.rasa_head.debias_matrix()
+        torch.testing.assert_close(out["patch_token_rasa"], expected, rtol=0, atol=1e-5)
+        residual = (out["patch_token_rasa"] @ state["pos_pred.weight"].T).abs().max()  # the last read-out is blind
+        assert residual < 1e-5 * out["patch_token_rasa"].abs().max()
+
+
+def test_withdrawn_and_incomplete_releases_are_not_downloaded(monkeypatch, hub_dir):
+    """ViT-L/14 IN-21K (identical to DINOv2-L) and ViT-g/14 IN-21K (incomplete): an error before any download."""
+    monkeypatch.setattr(backbones, "RELEASE_URL", UNREACHABLE)  # a download attempt would be a ConnectionError
+    withdrawn = (
+        r"vit_large weights='IN21K' are withdrawn \(valeoai/Franca release_checkpoints\.md\): .*identical to DINOv2-L"
+    )
+    with pytest.raises(ValueError, match=withdrawn + r".*use weights='LAION'.*weights='DINOV2_IN21K'"):
+        backbones.franca_vitl14(**TINY)
+    with pytest.raises(ValueError, match=withdrawn):  # its RASA head is not fetched either
+        backbones.franca_vitl14(pretrained=False, use_rasa_head=True, **TINY)
+    with pytest.raises(ValueError, match=r"vit_giant2 weights='IN21K' are incomplete .*use weights='LAION'"):
+        _hub_load("franca_vitg14", weights="IN21K", **TINY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no weights involved: no error and no warning
+        backbones.franca_vitl14(pretrained=False, **TINY)
+        backbones.franca_vitg14(pretrained=False, **TINY)
+    assert {(arch, weights) for arch, weights in RELEASE_CAVEATS} <= {
+        (arch, w.name) for arch in ("vit_base", "vit_large", "vit_giant2") for w in backbones.Weights
+    }
+
+
+def test_local_file_for_a_withdrawn_release_loads_with_a_warning(reference_dir, tmp_path):
+    torch.save(rasa_head_file_state(8), tmp_path / "rasa.pth")
+    path = str(reference_dir / "vit_tiny_p14_ckpt_chunks4.pth")
+    with pytest.warns(UserWarning, match=r"withdrawn .*identical to DINOv2-L.*loading the local file as given"):
+        model = backbones.franca_vitl14(local_state_dict=path, **TINY)
+    _assert_reference_features(model)
+    with pytest.warns(UserWarning, match=r"vit_giant2 weights='IN21K' are incomplete"):
+        model = backbones.franca_vitg14(
+            local_state_dict=path, use_rasa_head=True, RASA_local_state_dict=str(tmp_path / "rasa.pth"), **TINY
+        )
+    _assert_reference_features(model)
+    assert model.rasa_head.n_pos_layers == 8
 
 
 def test_weights_names_and_image_sizes():

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import load_reference
+from conftest import load_reference, rasa_head_file_state
 
+import rasa
 from rasa.src.rasa_head import RASAHead, load_rasa_head
 
 
@@ -43,6 +44,31 @@ def test_load_rasa_head_infers_shape_and_strips_prefixes(reference, tmp_path):
     _close(head(reference["input"]).detach(), reference["output"])
     hub_style = {f"module.rasa_head.{k}": v for k, v in reference["state_dict"].items()}
     assert load_rasa_head(hub_style).n_pos_layers == 3
+
+
+def _remove_span(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x`` minus its orthogonal projection on the row span of ``weight`` (k×D), through a QR factorisation."""
+    q, _ = torch.linalg.qr(weight.T)
+    return x - (x @ q) @ q.T
+
+
+@pytest.mark.parametrize("n_pre_pos_layers", [8, 9])
+def test_release_head_layouts_load(n_pre_pos_layers, tmp_path):
+    """Legacy release heads (8 pre-position layers, 9 tensors) and current ones (9 layers, 10 tensors) both load."""
+    state = rasa_head_file_state(n_pre_pos_layers)
+    assert len(state) == n_pre_pos_layers + 1
+    torch.save(state, tmp_path / "franca_rasa.pth")
+    head = rasa.load_rasa_head(tmp_path / "franca_rasa.pth", input_dim=64)
+    assert head.n_pos_layers == n_pre_pos_layers and head.pos_out_dim == 2
+    loaded = head.state_dict()
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+    x = torch.randn(3, 10, 64, generator=torch.Generator().manual_seed(1))
+    expected = x
+    for i in range(n_pre_pos_layers):
+        expected = _remove_span(expected, state[f"pre_pos_layers.{i}.weight"])
+    with torch.no_grad():
+        _close(head(x, use_pos_pred=False), expected)
+        _close(head(x), _remove_span(expected, state["pos_pred.weight"]))
 
 
 def test_debias_matrix_equals_forward_and_removes_the_spans(reference):

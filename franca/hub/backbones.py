@@ -2,7 +2,8 @@
 
 Release files are fetched from the official GitHub release through torch.hub's cache (``$TORCH_HOME/hub/
 checkpoints``); the ViT-g file ships as three ``*_chunked.tar.gz.part_*`` pieces that are reassembled there once.
-Offline, pass ``local_state_dict`` (a ``.pth`` file or a folder holding the pieces). Returned backbones use the
+Offline, pass ``local_state_dict`` (a ``.pth`` file or a folder holding the pieces). Withdrawn or incomplete releases
+(ViT-L/14 and ViT-g/14 IN-21K) are not downloaded, see :mod:`franca.hub.release_caveats`. Returned backbones use the
 flat block layout (``model.blocks[i]``) like the official hub, unless ``block_chunks`` is passed; checkpoints of
 either layout load.
 """
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from franca.hub.loading import extract_checkpoint_parts, load_backbone_weights, read_checkpoint
+from franca.hub.release_caveats import check_release_weights
 from franca.models import build_model
 
 RELEASE_URL = "https://github.com/valeoai/Franca/releases/download/v1.0.0"
@@ -125,13 +127,20 @@ def _make_franca_model(
     ``model.rasa_head`` and ``forward_features(x, use_rasa_head=True)`` adds ``patch_token_rasa``.
     """
     weights = _parse_weights(weights)
+    if pretrained and weights == Weights.LAION and arch_name == "vit_base":
+        raise ValueError("Franca ViT-B/14 has no LAION weights; use weights='IN21K' or pretrained=False")
+    check_release_weights(
+        arch_name,
+        weights,
+        downloads=(pretrained and local_state_dict is None) or (use_rasa_head and RASA_local_state_dict is None),
+        loads_local=(pretrained and local_state_dict is not None)
+        or (use_rasa_head and RASA_local_state_dict is not None),
+    )
     config = {"arch": arch_name, **HUB_BACKBONE_CONFIG}
     config.update({key: kwargs.pop(key) for key in HUB_BACKBONE_CONFIG if key in kwargs})
     model, _ = build_model(config, only_teacher=True, img_size=img_size, **kwargs)
 
     if pretrained:
-        if weights == Weights.LAION and arch_name == "vit_base":
-            raise ValueError("Franca ViT-B/14 has no LAION weights; use weights='IN21K' or pretrained=False")
         if local_state_dict is not None:
             load_backbone_weights(model, local_state_dict)
         else:
@@ -155,10 +164,10 @@ def franca_vitb14(*, pretrained: bool = True, weights: Weights | str = Weights.I
 
 
 def franca_vitl14(*, pretrained: bool = True, weights: Weights | str = Weights.IN21K, **kwargs: Any) -> nn.Module:
-    """Franca ViT-L/14 pretrained on ImageNet-21k or LAION-600M (``img_size`` 224 by default)."""
+    """Franca ViT-L/14 on LAION-600M or the DINOv2 IN-21K baseline (``img_size`` 224; Franca IN-21K is withdrawn)."""
     return _make_franca_model(arch_name="vit_large", pretrained=pretrained, weights=weights, **kwargs)
 
 
 def franca_vitg14(*, pretrained: bool = True, weights: Weights | str = Weights.IN21K, **kwargs: Any) -> nn.Module:
-    """Franca ViT-g/14 pretrained on ImageNet-21k or LAION-600M (``img_size`` 224 by default)."""
+    """Franca ViT-g/14 pretrained on LAION-600M (``img_size`` 224 by default; the IN-21K release is incomplete)."""
     return _make_franca_model(arch_name="vit_giant2", pretrained=pretrained, weights=weights, **kwargs)
