@@ -283,19 +283,33 @@ def _hub_calls(tree: ast.AST) -> list[ast.Call]:
 def test_documented_python_is_valid(block):
     tree = ast.parse(block.text, filename=block.where)
     import hubconf
-    from franca.hub.backbones import HUB_BACKBONE_CONFIG, Weights
+    from franca.hub.backbones import HUB_BACKBONE_CONFIG, Weights, release_name
+    from franca.hub.release_caveats import RELEASE_CAVEATS
 
     accepted = {"source", "pretrained", "weights", "img_size", "use_rasa_head", "local_state_dict"}
     accepted |= {"RASA_local_state_dict", "drop_path_rate", *HUB_BACKBONE_CONFIG}
     for call in _hub_calls(tree):
         entry = ast.literal_eval(call.args[1])
         assert entry in hubconf.__all__, f"{block.where}: hub entry point {entry!r} is not in hubconf.py"
+        weights, given = Weights.IN21K, {}
         for keyword in call.keywords:
             assert keyword.arg in accepted, f"{block.where}: hub argument {keyword.arg!r} is not accepted"
+            given[keyword.arg] = keyword.value
             if keyword.arg == "weights":
-                value = ast.literal_eval(keyword.value)
-                names = {w.name.lower() for w in Weights} | {w.value.lower() for w in Weights}
-                assert value.lower() in names, f"{block.where}: unknown weights {value!r}"
+                value = ast.literal_eval(keyword.value).lower()
+                matches = [w for w in Weights if value in (w.name.lower(), w.value.lower())]
+                assert matches, f"{block.where}: unknown weights {value!r}"
+                weights = matches[0]
+        # A documented call must not ask the hub to download a withdrawn or incomplete release.
+        arch = next(
+            a for a in ("vit_base", "vit_large", "vit_giant2") if release_name(a, 14, weights).startswith(entry)
+        )
+        pretrained = "pretrained" not in given or ast.literal_eval(given["pretrained"])
+        rasa = "use_rasa_head" in given and ast.literal_eval(given["use_rasa_head"])
+        downloads = (pretrained and "local_state_dict" not in given) or (rasa and "RASA_local_state_dict" not in given)
+        assert not (downloads and (arch, weights.name) in RELEASE_CAVEATS), (
+            f"{block.where}: {entry} weights={weights.name!r} would download a withdrawn or incomplete release"
+        )
 
 
 def _anchors(doc: Path) -> set[str]:
