@@ -30,7 +30,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 demo: $(STAMP)
-	$(PY) -m franca.demo --output-dir $(OUT)
+	$(PY) -m demo --output-dir $(OUT)
 
 benchmark: $(STAMP)
 	$(PY) scripts/benchmark.py

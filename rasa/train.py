@@ -35,6 +35,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
+from franca.utils.io import atomic_save
 from rasa.data import (
     ImageFiles,
     build_train_dataset,
@@ -330,12 +331,6 @@ def _initial_head(cfg: DictConfig, embed_dim: int) -> RASAHead:
     return head
 
 
-def _save_atomic(obj: object, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _use_cache(cfg: DictConfig, n_images: int, tokens_per_image: int, dim: int) -> bool:
     gib = n_images * tokens_per_image * dim * 4 * cfg.train.max_epochs / 2**30
     if cfg.train.feature_cache == "auto":
@@ -425,8 +420,8 @@ def run_rasa(cfg: DictConfig) -> RASAHead:
         head.to(device)
         record["seconds"] = fit_seconds
         state = {k: v.cpu() for k, v in head.state_dict().items()}
-        _save_atomic(state, out_dir / f"rasa_head_iter{it:02d}.pth")
-        _save_atomic(state, out_dir / "rasa_head.pth")
+        atomic_save(state, out_dir / f"rasa_head_iter{it:02d}.pth")
+        atomic_save(state, out_dir / "rasa_head.pth")
         with open(metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         logger.info(

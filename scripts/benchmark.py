@@ -4,7 +4,7 @@
     python scripts/benchmark.py [--quick] [--only NAME ...] [--json OUT.json] [--device cpu|cuda]
                                 [--compare-reference DIR [--compare-only W ...] [--repeats N] [--threads N] [--profile]]
 
-Every workload module (``franca/benchmarks/<name>.py``, ``run(quick) -> rows``) runs in its own
+Every workload module (``benchmarks/<module>.py`` at the repository root, outside the installed package, ``run(quick) -> rows``) runs in its own
 Python process, so the peak memory of a row is that workload's alone. Rows report seconds per call,
 images/s, achieved GFLOP/s (analytic FLOPs / median time), the share of the machine's measured
 matmul throughput that is, on a GPU the model-FLOPs utilisation against the device's dense bf16
@@ -12,7 +12,7 @@ peak, and peak memory (CPU: resident set; GPU: allocated). The header names the 
 model, cores, load, torch version and threads, GPU, and the matmul ceiling measured in the same run.
 
 ``--compare-reference DIR`` also times the same workloads on a checkout of the official
-valeoai/Franca code against ours (see :mod:`franca.benchmarks.compare_reference`) and prints the
+valeoai/Franca code against ours (see :mod:`benchmarks.compare_reference`) and prints the
 ratios ours / official with their targets.
 """
 
@@ -43,6 +43,8 @@ WORKLOADS = {
     "export": "ONNX Runtime vs PyTorch eager latency",
 }
 DEFAULT_WORKLOADS = ["augment", "backbone", "heads", "step", "rasa"]
+# workload name → module of benchmarks/ (modules are not named after the packages they measure)
+MODULES = {"rasa": "rasa_posttrain", "eval": "evaluation"}
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, by device-name fragment; first match wins.
 PEAK_BF16_TFLOPS = [("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4), ("A100", 312.0)]
@@ -70,7 +72,7 @@ def _machine(device: str) -> dict:
     """Machine description and the measured matmul ceiling (run inside a worker: imports torch)."""
     import torch
 
-    from franca.benchmarks.common import matmul_gflops
+    from benchmarks.common import matmul_gflops
 
     info = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -101,7 +103,7 @@ def _worker(name: str, quick: bool, device: str, out: Path) -> None:
     if name == "machine":
         result = _machine(device)
     else:
-        result = importlib.import_module(f"franca.benchmarks.{name}").run(quick=quick)
+        result = importlib.import_module(f"benchmarks.{MODULES.get(name, name)}").run(quick=quick)
     out.write_text(json.dumps(result, default=float))
 
 
@@ -266,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1:
         sys.exit(f"benchmark.py: error: --repeats must be >= 1, got {args.repeats}")
     if args.compare_reference is not None:
-        from franca.benchmarks.compare_reference import check_reference_dir
+        from benchmarks.compare_reference import check_reference_dir
 
         try:
             reference = check_reference_dir(args.compare_reference)
@@ -290,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
 
     compare_rows = []
     if args.compare_reference is not None:
-        from franca.benchmarks.compare_reference import compare
+        from benchmarks.compare_reference import compare
 
         try:
             compare_rows = compare(

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from franca.train.checkpointing import atomic_save  # noqa: E402
+from franca.utils.io import atomic_save  # noqa: E402
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, grid_size: int) -> torch.Tensor:

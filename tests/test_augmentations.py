@@ -12,7 +12,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision import transforms as T
 
-from franca.benchmarks.augment import make_reference_augmentation, synthetic_jpeg
+from benchmarks.augment import make_reference_augmentation, synthetic_jpeg
 from franca.data.augmentations import (
     DataAugmentationDINO,
     _color_jitter,

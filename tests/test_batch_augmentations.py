@@ -14,7 +14,7 @@ from PIL import Image
 from test_augmentations import _crop_statistics
 from test_train_loop import LOSS_KEYS, _cfg, _model, _records, demo_root, tiny_arch  # noqa: F401  (fixtures)
 
-from franca.benchmarks.augment import make_reference_augmentation, synthetic_jpeg
+from benchmarks.augment import make_reference_augmentation, synthetic_jpeg
 from franca.data.augmentations import _gaussian_blur, _shift_hue
 from franca.data.batch_augmentations import (
     BatchAugmentationDINO,

@@ -82,7 +82,7 @@ def test_xformers_stand_in_block_diagonal_attention_matches_per_sequence():
     import torch
     import torch.nn.functional as F
 
-    from franca.benchmarks.reference_shims import BlockDiagonalMask, _memory_efficient_attention
+    from benchmarks.reference_shims import BlockDiagonalMask, _memory_efficient_attention
 
     torch.manual_seed(0)
     crops = [torch.randn(2, 5, 2, 4), torch.randn(3, 3, 2, 4)]  # (batch, tokens, heads, head dim)
@@ -101,7 +101,7 @@ OFFICIAL = Path("/work/ref/Franca")
 @pytest.mark.slow
 @pytest.mark.skipif(not (OFFICIAL / "franca" / "train" / "ssl_meta_arch.py").is_file(), reason="no official checkout")
 def test_compare_reference_runs_both_sides_on_the_official_checkout():
-    from franca.benchmarks.compare_reference import compare
+    from benchmarks.compare_reference import compare
 
     rows = compare(OFFICIAL, only=["sinkhorn"], repeats=2, threads=1, quick=True, log=lambda _: None)
     (row,) = rows

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from franca.demo import run_demo
+from demo.run import run_demo
 
 SUMMARY_KEYS = {
     "knn_top1_random_init",

@@ -40,8 +40,10 @@ from franca.data.transforms import make_classification_train_transform
 from franca.eval.features import extract_features
 from franca.eval.metrics import TopkAccuracy
 from franca.eval.setup import get_args_parser as get_setup_args_parser
-from franca.eval.setup import get_dataset_args_parser, make_eval_dataset, run_cli, setup_and_build_model
+from franca.eval.setup import get_dataset_args_parser, make_eval_dataset, setup_and_build_model
 from franca.eval.utils import check_same_classes, check_val_labels, write_json
+from franca.utils.cli import run_cli
+from franca.utils.io import atomic_save
 
 logger = logging.getLogger("franca")
 
@@ -175,12 +177,6 @@ def _seed_augmentations(seed: int, epoch: int) -> None:
     torch.manual_seed(seed + 1000 * epoch + distributed.get_rank())
 
 
-def _atomic_save(payload: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
 def _load_checkpoint(path: Path, classifiers: nn.ModuleDict, optimizer, scheduler) -> tuple[int, list[dict]]:
     """Restore the running state; returns (epochs done, evaluation history)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -281,7 +277,7 @@ def run_linear_eval(
                 "epoch": epoch + 1,
                 "history": history,
             }
-            _atomic_save(state, checkpoint_path)
+            atomic_save(state, checkpoint_path)
 
     if not accuracies:
         accuracies = evaluate_classifiers(classifiers, val_features, val_labels)
@@ -305,7 +301,7 @@ def run_linear_eval(
             "top-1": accuracies[best]["top-1"],
             "state_dict": {k: v.cpu() for k, v in head.linear.state_dict().items()},
         }
-        _atomic_save(best_state, output_dir / BEST_CLASSIFIER_FILENAME)
+        atomic_save(best_state, output_dir / BEST_CLASSIFIER_FILENAME)
         write_json(output_dir / RESULTS_FILENAME, results)
     logger.info("linear: best classifier %s top-1 %.2f top-5 %.2f", best, results["top-1"], results["top-5"])
     return results

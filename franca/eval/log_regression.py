@@ -30,8 +30,9 @@ from franca import distributed
 from franca.eval.features import extract_features
 from franca.eval.metrics import DEFAULT_TOPK, topk_correct
 from franca.eval.setup import get_args_parser as get_setup_args_parser
-from franca.eval.setup import get_dataset_args_parser, make_eval_dataset, run_cli, setup_and_build_model
+from franca.eval.setup import get_dataset_args_parser, make_eval_dataset, setup_and_build_model
 from franca.eval.utils import check_same_classes, check_val_labels, write_json
+from franca.utils.cli import run_cli
 
 logger = logging.getLogger("franca")
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,10 +24,9 @@ from franca.data.transforms import make_classification_eval_transform
 from franca.hub.loading import load_backbone_weights
 from franca.models import build_model_from_cfg
 from franca.utils.config import load_config_file
+from franca.utils.precision import precision_dtype
 
 logger = logging.getLogger("franca")
-
-_PRECISION_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def get_args_parser(
@@ -78,9 +76,7 @@ class EvalModel:
 def autocast_dtype_from_config(cfg: DictConfig) -> torch.dtype:
     """The teacher backbone's mixed-precision parameter dtype (fp16/bf16/fp32) from the config."""
     name = str(cfg.compute_precision.teacher.backbone.mixed_precision.param_dtype)
-    if name not in _PRECISION_DTYPES:
-        raise ValueError(f"unknown teacher param_dtype {name!r}: expected one of {sorted(_PRECISION_DTYPES)}")
-    return _PRECISION_DTYPES[name]
+    return precision_dtype(name, "compute_precision.teacher.backbone.mixed_precision.param_dtype")
 
 
 def init_distributed_from_env() -> None:
@@ -119,15 +115,3 @@ def setup_and_build_model(args: argparse.Namespace) -> EvalModel:
     backbone = build_model_for_eval(cfg, args.pretrained_weights, device)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     return EvalModel(backbone=backbone, device=device, autocast_dtype=autocast_dtype_from_config(cfg), config=cfg)
-
-
-def run_cli(main: Callable[[Sequence[str] | None], int]) -> None:
-    """Run ``main`` as a command: bad user input (missing file, wrong value, unknown key) ends in one error line."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        code = main(None)
-    except (FileNotFoundError, ValueError, KeyError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        sys.exit(f"error: {message}")
-    sys.exit(code)

@@ -29,7 +29,8 @@ from torchvision import transforms
 
 from franca.data.transforms import make_normalize_transform
 from franca.eval.setup import get_args_parser as get_setup_args_parser
-from franca.eval.setup import run_cli, setup_and_build_model
+from franca.eval.setup import setup_and_build_model
+from franca.utils.cli import run_cli
 
 logger = logging.getLogger("franca")
 

@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 import franca.distributed as distributed
+from franca.utils.io import atomic_save
 
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
 _LOAD = StateDictOptions(full_state_dict=True, strict=True)
@@ -98,7 +99,6 @@ class OptimizerCheckpointState:
 
 def export_teacher(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``{"teacher": teacher state dict}`` (the official release format) from rank 0; collective."""
-    from franca.train.checkpointing import atomic_save
 
     state = full_state_dict(model.teacher)
     path = Path(path)

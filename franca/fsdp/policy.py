@@ -31,8 +31,9 @@ import torch
 from omegaconf import DictConfig
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
+from franca.utils.precision import precision_dtype
+
 SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")
-PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -45,12 +46,6 @@ class ShardingPlan:
     buffer_dtype: torch.dtype
 
 
-def _dtype(name: str, key: str) -> torch.dtype:
-    if name not in PRECISION_DTYPES:
-        raise ValueError(f"{key} is {name!r}, must be one of {', '.join(PRECISION_DTYPES)}")
-    return PRECISION_DTYPES[name]
-
-
 def mixed_precision_policy(
     mixed_precision: DictConfig | dict, *, device_type: str, where: str = ""
 ) -> tuple[MixedPrecisionPolicy, torch.dtype]:
@@ -59,9 +54,9 @@ def mixed_precision_policy(
     ``device_type == "cpu"`` gives fp32 for everything (see the module docstring).
     """
     prefix = f"{where}.mixed_precision" if where else "mixed_precision"
-    param = _dtype(mixed_precision["param_dtype"], f"{prefix}.param_dtype")
-    reduce = _dtype(mixed_precision["reduce_dtype"], f"{prefix}.reduce_dtype")
-    buffer = _dtype(mixed_precision["buffer_dtype"], f"{prefix}.buffer_dtype")
+    param = precision_dtype(mixed_precision["param_dtype"], f"{prefix}.param_dtype")
+    reduce = precision_dtype(mixed_precision["reduce_dtype"], f"{prefix}.reduce_dtype")
+    buffer = precision_dtype(mixed_precision["buffer_dtype"], f"{prefix}.buffer_dtype")
     if device_type == "cpu":
         param = reduce = buffer = torch.float32
     return MixedPrecisionPolicy(param_dtype=param, reduce_dtype=reduce, cast_forward_inputs=True), buffer

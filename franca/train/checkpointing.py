@@ -31,43 +31,17 @@ import numpy as np
 import torch
 
 import franca.distributed as distributed
+from franca.utils.io import TMP_SUFFIX, atomic_save
 
 logger = logging.getLogger("franca")
 
 _CHECKPOINT_RE = re.compile(r"^model_(\d+)\.pth$")
-_TMP_SUFFIX = ".tmp"
 
 
 class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> Any: ...
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save(obj)`` to ``path`` through a temporary file + fsync + ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{_TMP_SUFFIX}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
-    return path
 
 
 def checkpoint_path(save_dir: str | os.PathLike, iteration: int) -> Path:
@@ -163,7 +137,7 @@ class Checkpointer:
     def _prune(self) -> None:
         for _, old in list_checkpoints(self.save_dir)[: -self.max_to_keep]:
             old.unlink(missing_ok=True)
-        for stray in self.save_dir.glob(f".model_*{_TMP_SUFFIX}"):
+        for stray in self.save_dir.glob(f".model_*{TMP_SUFFIX}"):
             stray.unlink(missing_ok=True)
 
     def load(self, path: str | os.PathLike) -> dict[str, Any]:

@@ -39,11 +39,11 @@ from franca.layers.mrl_dino_head import MRLDINOHead
 from franca.loss import KoLeoLoss, MRLDINOLoss, MRLiBOTPatchLoss
 from franca.models import build_model_from_cfg
 from franca.utils.param_groups import fuse_params_groups, get_params_groups_with_decay
+from franca.utils.precision import PRECISION_DTYPES
 
 logger = logging.getLogger("franca")
 
 N_GLOBAL_CROPS = 2
-_PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 Levels = tuple[Tensor, ...]
 
@@ -117,7 +117,7 @@ class SSLMetaArch(nn.Module):
         self.koleo_loss = KoLeoLoss()
 
         precision = cfg.compute_precision.student.backbone.mixed_precision.param_dtype
-        self.compute_dtype = _PRECISION_DTYPES[precision]
+        self.compute_dtype = PRECISION_DTYPES[precision]
         use_scaler = cfg.compute_precision.grad_scaler and precision == "fp16" and torch.cuda.is_available()
         self.fp16_scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         logger.info(

@@ -16,7 +16,7 @@ Every process computes with one thread.
 The two ranks share this machine's cores, so on a small CPU the overhead also contains their competition
 for cores. GPU figures (NCCL, one-GPU FSDP vs no FSDP, ViT-L peak memory) need a GPU; none is measured here.
 
-    python -m franca.benchmarks.distributed [--quick]
+    python -m benchmarks.distributed [--quick]
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from franca.benchmarks.common import median, peak_memory_mb
+from benchmarks.common import median, peak_memory_mb
 from franca.data.synthetic import random_collated_batch
 from franca.train.ssl_meta_arch import SSLMetaArch
 from franca.utils.config import load_config_file

@@ -29,7 +29,7 @@ from types import ModuleType
 
 import torch
 
-from franca.benchmarks.common import matmul_gflops, median, peak_memory_mb, synchronize
+from benchmarks.common import matmul_gflops, median, peak_memory_mb, synchronize
 from franca.models import vision_transformer as ours
 from franca.models.vision_transformer import DinoVisionTransformer
 

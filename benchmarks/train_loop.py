@@ -8,7 +8,7 @@ count. From the per-iteration JSON lines (the first ``warmup`` iterations droppe
 * ``data_wait_share`` = Σ data_time / Σ iter_time (time the loop blocked on the loader);
 * ``step_seconds`` = median (iter_time − data_time).
 
-    python -m franca.benchmarks.train_loop [--quick]
+    python -m benchmarks.train_loop [--quick]
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from franca.benchmarks.common import median, peak_memory_mb
+from benchmarks.common import median, peak_memory_mb
 from franca.data.datasets.demo import write_demo_dataset
 from franca.train.ssl_meta_arch import SSLMetaArch
 from franca.train.train import METRICS_FILE, do_train

@@ -35,7 +35,7 @@ from franca.eval.visualize_pca import visualize_pca
 from franca.models import build_model_from_cfg
 from franca.utils.config import load_config_file
 
-logger = logging.getLogger("franca.demo")
+logger = logging.getLogger("demo")
 
 TRAIN_CONFIG = CONFIG_DIR / "train" / "cpu_tiny.yaml"
 KNN_K = 20

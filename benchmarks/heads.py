@@ -1,6 +1,6 @@
 """Head and teacher-target workloads: Matryoshka head forward+backward and Sinkhorn-Knopp over the five levels.
 
-Run ``python -m franca.benchmarks.heads [--quick] [--reference DIR]``. With a checkout of the official code
+Run ``python -m benchmarks.heads [--quick] [--reference DIR]``. With a checkout of the official code
 (``--reference``, env ``FRANCA_REFERENCE_CODE``, or ``/work/ref/Franca`` when present) the official modules
 are loaded straight from their files (never vendored), given the same weights and inputs, and timed
 interleaved with ours; each row then carries ``official_seconds`` and ``ratio`` (ours / official).
@@ -20,7 +20,7 @@ from types import ModuleType
 
 import torch
 
-from franca.benchmarks.common import median, peak_memory_mb, time_fn
+from benchmarks.common import median, peak_memory_mb, time_fn
 from franca.layers import MRLDINOHead
 from franca.loss import sinkhorn_knopp
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from omegaconf import OmegaConf
 
-from franca.benchmarks.common import median, peak_memory_mb, time_fn
+from benchmarks.common import median, peak_memory_mb, time_fn
 from franca.models.vision_transformer import vit_small
 from rasa.fold import fold
 from rasa.src.rasa_head import RASAHead

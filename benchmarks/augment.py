@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from franca.benchmarks.common import median, peak_memory_mb, synchronize, time_fn
+from benchmarks.common import median, peak_memory_mb, synchronize, time_fn
 from franca.data.augmentations import DataAugmentationDINO
 from franca.data.batch_augmentations import BatchAugmentationDINO, decode_batch
 from franca.data.collate import collate_data_and_cast

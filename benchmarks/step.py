@@ -24,8 +24,8 @@ import json
 
 import torch
 
-from franca.benchmarks.backbone import vit_forward_flops
-from franca.benchmarks.common import median, peak_memory_mb, synchronize, time_fn
+from benchmarks.backbone import vit_forward_flops
+from benchmarks.common import median, peak_memory_mb, synchronize, time_fn
 from franca.data.collate import collate_data_and_cast
 from franca.data.masking import MaskingGenerator
 from franca.train.ssl_meta_arch import SSLMetaArch

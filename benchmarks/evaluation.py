@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from franca.benchmarks.backbone import vit_forward_flops
-from franca.benchmarks.common import median, peak_memory_mb, time_fn
+from benchmarks.backbone import vit_forward_flops
+from benchmarks.common import median, peak_memory_mb, time_fn
 from franca.eval.features import extract_features
 from franca.eval.knn import _faiss_module, knn_classify
 from franca.models.vision_transformer import DinoVisionTransformer, vit_small

@@ -1,6 +1,6 @@
 """Side-by-side timing of our modules against a checkout of the official Franca code.
 
-For each workload two worker processes are started (:mod:`franca.benchmarks.reference_worker`):
+For each workload two worker processes are started (:mod:`benchmarks.reference_worker`):
 one imports this repository's ``franca``, the other the official checkout's (never vendored, never
 edited; CPU shims are applied inside its worker). Our worker builds the weights and inputs and
 shares them through a temporary folder, so both sides compute on the same tensors. After one
@@ -51,7 +51,7 @@ class Workload:
 
 
 def workloads(quick: bool) -> list[Workload]:
-    from franca.benchmarks import reference_worker as w
+    from benchmarks import reference_worker as w
 
     aug_images = w.AUGMENT_IMAGES[quick]
     batch = w.STEP_BATCH[quick]
@@ -91,8 +91,8 @@ def check_reference_dir(reference: str | os.PathLike) -> Path:
 
 def workload_flops(name: str, quick: bool) -> float | None:
     """Analytic FLOPs of one call (2 per multiply-add; backward = 2× forward), or None where not counted."""
-    from franca.benchmarks import reference_worker as w
-    from franca.benchmarks.backbone import vit_forward_flops
+    from benchmarks import reference_worker as w
+    from benchmarks.backbone import vit_forward_flops
     from franca.models.vision_transformer import vit_small
 
     model = vit_small(**w.VITS_KWARGS)
@@ -103,7 +103,7 @@ def workload_flops(name: str, quick: bool) -> float | None:
             3 * 4 * (2 * vit_forward_flops(model, w.GLOBAL_SIZE) + w.N_LOCAL * vit_forward_flops(model, w.LOCAL_SIZE))
         )
     if name == "mrl_head":
-        from franca.benchmarks.step import mrl_head_macs_per_row
+        from benchmarks.step import mrl_head_macs_per_row
 
         d = w.HEAD["in_dim"]
         macs = mrl_head_macs_per_row(d, w.HEAD["prototypes"][quick], 3, w.HEAD["hidden_dim"], w.HEAD["bottleneck_dim"])
@@ -162,7 +162,7 @@ def compare_workload(
     with tempfile.TemporaryDirectory(prefix=f"franca_compare_{workload.name}_") as tmp:
         shared = Path(tmp)
         if workload.name.startswith("augment"):
-            from franca.benchmarks.augment import synthetic_jpeg
+            from benchmarks.augment import synthetic_jpeg
 
             (shared / "image.jpg").write_bytes(synthetic_jpeg())
         workers: dict[str, _Worker] = {}

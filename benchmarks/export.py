@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from franca.benchmarks.common import median, peak_memory_mb
+from benchmarks.common import median, peak_memory_mb
 from franca.export import ExportableBackbone, OnnxRunner, export_backbone
 from franca.models.vision_transformer import vit_small
 

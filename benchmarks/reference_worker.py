@@ -1,6 +1,6 @@
 """One side (``ours`` or ``official``) of one ``--compare-reference`` workload, in its own process.
 
-Started by :mod:`franca.benchmarks.compare_reference` as ``python reference_worker.py --side S
+Started by :mod:`benchmarks.compare_reference` as ``python reference_worker.py --side S
 --workload W --shared DIR --threads N [--quick]`` with ``PYTHONPATH`` pointing at either this
 repository or the official checkout: both packages are called ``franca``, so every workload
 imports the same module paths and gets the implementation of its side. The ``ours`` side builds

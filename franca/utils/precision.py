@@ -1,0 +1,14 @@
+"""The precision names of the configs (``fp32`` / ``fp16`` / ``bf16``) and their torch dtypes."""
+
+from __future__ import annotations
+
+import torch
+
+PRECISION_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def precision_dtype(name: str, key: str = "precision") -> torch.dtype:
+    """The dtype of precision ``name``; ``key`` names the config entry in the error for an unknown name."""
+    if name not in PRECISION_DTYPES:
+        raise ValueError(f"{key} is {name!r}, must be one of {', '.join(PRECISION_DTYPES)}")
+    return PRECISION_DTYPES[name]
