@@ -53,7 +53,7 @@ def parse_model_args(items: Sequence[str]) -> dict[str, Any]:
 
 def _load_weights(model: nn.Module, state_dict: Mapping[str, Tensor]) -> nn.Module:
     """Strict load of backbone weights; files with a folded RASA norm get a ``FoldedLayerNorm`` first."""
-    from rasa.fold import prepare_for_folded_state_dict
+    from franca.layers.folded_norm import prepare_for_folded_state_dict
 
     model = prepare_for_folded_state_dict(model, state_dict)
     load_backbone_weights(model, state_dict)
@@ -121,8 +121,8 @@ def build_backbone(
             config = OmegaConf.to_container(load_config_file(config_file).student, resolve=True)
         model = _load_weights(_build(config, model_args, state_dict), state_dict)
     if rasa is not None:
-        from rasa.fold import fold
-        from rasa.src.rasa_head import load_rasa_head
+        from franca.layers.folded_norm import fold
+        from franca.layers.rasa_head import load_rasa_head
 
         model = fold(model, load_rasa_head(rasa, input_dim=model.embed_dim))
     return model.eval()

@@ -103,7 +103,7 @@ def _release_state_dict(arch_name: str, patch_size: int, weights: Weights) -> di
 
 
 def _attach_rasa_head(model: nn.Module, source: str | os.PathLike | dict) -> None:
-    from rasa.src.rasa_head import load_rasa_head
+    from franca.layers.rasa_head import load_rasa_head
 
     model.rasa_head = load_rasa_head(source, input_dim=model.embed_dim)
 

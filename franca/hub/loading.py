@@ -28,7 +28,7 @@ _WRAPPER_PREFIXES = ("module.", "backbone.")
 # Keys of heads trained beside the backbone; a backbone load ignores them (the RASA head is loaded on its own).
 _HEAD_PREFIXES = ("dino_head.", "ibot_head.", "rasa_head.")
 PART_GLOB = "*.tar.gz.part_*"
-FOLDED_NORM_KEY = "norm.patch_proj.weight"  # written by rasa.fold: patch tokens get their own final map
+FOLDED_NORM_KEY = "norm.patch_proj.weight"  # written by franca.layers.folded_norm: patch tokens get their own final map
 _CHUNKED_BLOCK_KEY = re.compile(r"blocks\.\d+\.(\d+)\.(.+)")
 _LISTED = 5
 
@@ -168,7 +168,7 @@ def load_backbone_weights(model: nn.Module, path_or_state_dict: str | os.PathLik
     """Load backbone weights (a checkpoint path, folder of pieces, or a state dict) strictly into ``model``.
 
     A model built on the ``meta`` device receives the checkpoint tensors themselves (``assign=True``).
-    A RASA-folded file (extra ``norm.patch_proj.{weight,bias}`` keys, see ``rasa.fold``) first swaps the
+    A RASA-folded file (extra ``norm.patch_proj.{weight,bias}`` keys, see ``franca.layers.folded_norm``) first swaps the
     model's final norm for the folded norm, so it loads into the plain architecture.
     """
     if isinstance(path_or_state_dict, (str, os.PathLike)):
@@ -177,7 +177,7 @@ def load_backbone_weights(model: nn.Module, path_or_state_dict: str | os.PathLik
         state_dict = _state_dict_of(path_or_state_dict, "the given object")
     backbone = backbone_state_dict(state_dict)
     if FOLDED_NORM_KEY in backbone:
-        from rasa.fold import prepare_for_folded_state_dict
+        from franca.layers.folded_norm import prepare_for_folded_state_dict
 
         prepare_for_folded_state_dict(model, backbone)
     renamed = match_backbone_keys(model, backbone)
