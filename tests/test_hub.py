@@ -80,18 +80,20 @@ def test_hub_load_from_folder_of_archive_pieces(reference_dir, tmp_path):
 def test_hub_download_through_torch_hub_cache(reference_dir, tmp_path, monkeypatch, hub_dir):
     """A release file reachable at the release URL is fetched into $TORCH_HOME once and loaded from there."""
     release = tmp_path / "release"
-    release.mkdir()
-    (release / "franca_vitl14_Laion600M.pth").write_bytes(
-        (reference_dir / "vit_tiny_p14_ckpt_chunks0.pth").read_bytes()
-    )
+    (release / "v1.0.0").mkdir(parents=True)
+    (release / "v1.1.0").mkdir()
+    fixture = (reference_dir / "vit_tiny_p14_ckpt_chunks0.pth").read_bytes()
+    (release / "v1.0.0" / "franca_vitl14_Laion600M.pth").write_bytes(fixture)
+    (release / "v1.1.0" / "franca_vitl14_Laion_518.pth").write_bytes(fixture)
     _split_archive(reference_dir / "vit_tiny_p14_ckpt_chunks4.pth", release / "g", "franca_vitg14_Laion600M")
     for piece in (release / "g").iterdir():
-        piece.rename(release / piece.name)
+        piece.rename(release / "v1.0.0" / piece.name)
     monkeypatch.setattr(backbones, "RELEASE_URL", release.as_uri())
     _assert_reference_features(backbones.franca_vitl14(weights="LAION", **TINY))
+    _assert_reference_features(backbones.franca_vitl14(weights="LAION_518", **TINY))
     _assert_reference_features(backbones.franca_vitg14(weights="LAION", **TINY))
     cached = {p.name for p in (hub_dir / "checkpoints").iterdir()}
-    assert cached == {"franca_vitl14_Laion600M.pth", "franca_vitg14_Laion600M.pth"}
+    assert cached == {"franca_vitl14_Laion600M.pth", "franca_vitl14_Laion_518.pth", "franca_vitg14_Laion600M.pth"}
 
 
 def test_offline_without_local_file_says_what_to_do(monkeypatch, hub_dir):
@@ -204,15 +206,15 @@ def test_both_release_rasa_head_layouts_load_through_the_hub(
     """Legacy (8 pre-position layers) and current (9) RASA head files, from a local path and from the release URL."""
     state = rasa_head_file_state(n_pre_pos_layers)
     release = tmp_path / "release"
-    release.mkdir()
-    torch.save(state, release / "franca_vitb14_In21K_rasa.pth")
+    (release / "v1.0.0").mkdir(parents=True)
+    torch.save(state, release / "v1.0.0" / "franca_vitb14_In21K_rasa.pth")
     monkeypatch.setattr(backbones, "RELEASE_URL", release.as_uri())
     backbone = str(reference_dir / "vit_tiny_p14_ckpt_chunks4.pth")
     local = _hub_load(
         "franca_vitb14",
         local_state_dict=backbone,
         use_rasa_head=True,
-        RASA_local_state_dict=str(release / "franca_vitb14_In21K_rasa.pth"),
+        RASA_local_state_dict=str(release / "v1.0.0" / "franca_vitb14_In21K_rasa.pth"),
         **TINY,
     ).eval()
     downloaded = backbones.franca_vitb14(local_state_dict=backbone, use_rasa_head=True, **TINY).eval()
@@ -234,9 +236,9 @@ def test_withdrawn_and_incomplete_releases_are_not_downloaded(monkeypatch, hub_d
         r"vit_large weights='IN21K' are withdrawn \(valeoai/Franca release_checkpoints\.md\): .*identical to DINOv2-L"
     )
     with pytest.raises(ValueError, match=withdrawn + r".*use weights='LAION'.*weights='DINOV2_IN21K'"):
-        backbones.franca_vitl14(**TINY)
+        backbones.franca_vitl14(weights="IN21K", **TINY)
     with pytest.raises(ValueError, match=withdrawn):  # its RASA head is not fetched either
-        backbones.franca_vitl14(pretrained=False, use_rasa_head=True, **TINY)
+        backbones.franca_vitl14(pretrained=False, weights="IN21K", use_rasa_head=True, **TINY)
     with pytest.raises(ValueError, match=r"vit_giant2 weights='IN21K' are incomplete .*use weights='LAION'"):
         _hub_load("franca_vitg14", weights="IN21K", **TINY)
     with warnings.catch_warnings():
@@ -252,11 +254,15 @@ def test_local_file_for_a_withdrawn_release_loads_with_a_warning(reference_dir, 
     torch.save(rasa_head_file_state(8), tmp_path / "rasa.pth")
     path = str(reference_dir / "vit_tiny_p14_ckpt_chunks4.pth")
     with pytest.warns(UserWarning, match=r"withdrawn .*identical to DINOv2-L.*loading the local file as given"):
-        model = backbones.franca_vitl14(local_state_dict=path, **TINY)
+        model = backbones.franca_vitl14(weights="IN21K", local_state_dict=path, **TINY)
     _assert_reference_features(model)
     with pytest.warns(UserWarning, match=r"vit_giant2 weights='IN21K' are incomplete"):
         model = backbones.franca_vitg14(
-            local_state_dict=path, use_rasa_head=True, RASA_local_state_dict=str(tmp_path / "rasa.pth"), **TINY
+            weights="IN21K",
+            local_state_dict=path,
+            use_rasa_head=True,
+            RASA_local_state_dict=str(tmp_path / "rasa.pth"),
+            **TINY,
         )
     _assert_reference_features(model)
     assert model.rasa_head.n_pos_layers == 8
@@ -273,8 +279,12 @@ def test_weights_names_and_image_sizes():
         backbones.franca_vitl14(pretrained=False, weights="laion600m", embed_dim=64, depth=1, num_heads=2).patch_size
         == 14
     )
-    with pytest.raises(ValueError, match="no LAION weights"):
+    with pytest.raises(
+        ValueError,
+        match=r"weights 'LAION' are not published for vit_base; available: IN21K, IN21K_224, DINOV2_IN21K, "
+        r"DINOV2_IN21K_518$",
+    ):
         backbones.franca_vitb14(weights="LAION", embed_dim=64, depth=1, num_heads=2)
-    with pytest.raises(ValueError, match="unsupported weights 'IN1K'; expected one of IN21K, LAION, DINOV2_IN21K"):
+    with pytest.raises(ValueError, match="unsupported weights 'IN1K'; expected one of IN21K, IN21K_224, LAION, "):
         backbones.franca_vitl14(weights="IN1K")
     assert backbones.release_name("vit_giant2", 14, backbones.Weights.LAION) == "franca_vitg14_Laion600M"

@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from franca.export.interop import INTEROP_FORMATS, export_interop, output_names, require_format
 from franca.export.onnx_export import DEFAULT_OPSET, OnnxRunner, check_opset, require_onnx, write_onnx
 from franca.export.torch_export import ExportedRunner, write_exported
 from franca.export.verify import TOLERANCE, Check, verification_sizes, verify
 from franca.export.wrapper import ExportableBackbone
 
-FORMATS = ("onnx", "exported")
+FORMATS = ("onnx", "exported", *INTEROP_FORMATS)
 TRACE_BATCH = 2
 
 
@@ -34,11 +35,12 @@ class ExportResult:
     checks: tuple[Check, ...]
     opset: int | None
     extra_files: tuple[Path, ...] = ()
+    note: str = ""  # what was not checked (a Core ML package off macOS)
 
     @property
-    def max_error(self) -> float:
-        """Largest relative error over every check and output."""
-        return max(check.error for check in self.checks)
+    def max_error(self) -> float | None:
+        """Largest relative error over every check and output (None when nothing was run numerically)."""
+        return max((check.error for check in self.checks), default=None)
 
 
 def check_image_size(img_size: int, patch_size: int, dynamic_size: bool) -> None:
@@ -57,21 +59,33 @@ def export_backbone(
     dynamic_size: bool = False,
     opset: int = DEFAULT_OPSET,
     tolerance: float = TOLERANCE,
+    fp16: bool = False,
 ) -> ExportResult:
-    """Export ``backbone`` (put in eval mode) to ``out`` and verify it; see :class:`ExportableBackbone` for the graph.
+    """Export ``backbone`` (put in eval mode) to ``out`` and verify it; see :class:`ExportableBackbone` for the graph
+    and :mod:`franca.export.interop` for ``hf`` / ``timm`` / ``safetensors`` / ``coreml`` (``fp16``: Core ML only).
 
-    Raises ``ValueError`` for a bad format, image size or opset, ``MissingExtraError`` without onnx/onnxruntime,
+    Raises ``ValueError`` for a bad format, image size or opset, ``MissingExtraError`` without the format's extra,
     ``VerificationError`` (nothing written) when the exported graph disagrees with PyTorch.
     """
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; expected one of {', '.join(FORMATS)}")
+    if fp16 and format != "coreml":
+        raise ValueError("fp16 applies to --format coreml only")
     if format == "onnx":
         require_onnx()
         check_opset(opset)
+    require_format(format)
     check_image_size(img_size, backbone.patch_size, dynamic_size)
     devices = {parameter.device.type for parameter in backbone.parameters()}
     if devices != {"cpu"}:
         raise ValueError(f"export a CPU model (call .cpu() first); the backbone's parameters are on {sorted(devices)}")
+    if format in INTEROP_FORMATS:
+        if dynamic_size:
+            raise ValueError(f"--dynamic-size applies to onnx and exported; {format} is written at --img-size")
+        out = Path(out)
+        written, checks, note = export_interop(backbone, out, format, img_size, tolerance, fp16)
+        extra = tuple(path for path in written if path != out)
+        return ExportResult(out, format, output_names(backbone), tuple(checks), None, extra, note)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     module = ExportableBackbone(backbone)

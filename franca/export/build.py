@@ -5,8 +5,8 @@ prefixes, chunked or flat block keys, strict keys and shapes. A file written by 
 ``norm.patch_proj.*`` keys) loads into the same architecture with the folded norm. A RASA head file given on its
 own is folded in afterwards (``rasa.fold``), so the exported patch tokens are the debiased ones.
 
-* ``hub``: ``franca_vitb14`` / ``franca_vitl14`` / ``franca_vitg14`` with ``hub_weights`` (``IN21K``, ``LAION``,
-  ``DINOV2_IN21K``); ``weights`` (a local file) replaces the download.
+* ``hub``: ``franca_vitb14`` / ``franca_vitl14`` / ``franca_vitg14`` with ``hub_weights`` (a name of
+  ``franca.hub.releases.Weights``; None: the entry point's default); ``weights`` (a local file) replaces the download.
 * ``arch``: a builder of ``franca.models.vision_transformer`` (``vit_base``, …) with the release settings of
   ``franca.hub.backbones.HUB_BACKBONE_CONFIG``; ``weights`` is required.
 * ``config_file``: the ``student`` section of a training config (e.g. ``<output_dir>/config.yaml``).
@@ -88,7 +88,7 @@ def _build(config: dict[str, Any], model_args: dict[str, Any], state_dict: Mappi
 def build_backbone(
     weights: str | os.PathLike | None = None,
     hub_name: str | None = None,
-    hub_weights: str = "IN21K",
+    hub_weights: str | None = None,
     arch: str | None = None,
     config_file: str | os.PathLike | None = None,
     model_args: Mapping[str, Any] | None = None,
@@ -105,7 +105,9 @@ def build_backbone(
     if hub_name:
         if hub_name not in HUB_ENTRY_POINTS:
             raise ValueError(f"unknown hub model {hub_name!r}; expected one of {', '.join(HUB_ENTRY_POINTS)}")
-        model = HUB_ENTRY_POINTS[hub_name](pretrained=state_dict is None, weights=hub_weights, **model_args)
+        if hub_weights is not None:
+            model_args["weights"] = hub_weights
+        model = HUB_ENTRY_POINTS[hub_name](pretrained=state_dict is None, **model_args)
         if state_dict is not None:
             model = _load_weights(model, state_dict)
     else:

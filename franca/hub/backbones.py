@@ -2,7 +2,9 @@
 
 Release files are fetched from the official GitHub release through torch.hub's cache (``$TORCH_HOME/hub/
 checkpoints``); the ViT-g file ships as three ``*_chunked.tar.gz.part_*`` pieces that are reassembled there once.
-Offline, pass ``local_state_dict`` (a ``.pth`` file or a folder holding the pieces). Withdrawn or incomplete releases
+Offline, pass ``local_state_dict`` (a ``.pth`` or ``.safetensors`` file, or a folder holding the pieces). The
+published (architecture, weights) pairs, their native image sizes, release tags and RASA heads are the table of
+:mod:`franca.hub.releases`. Withdrawn or incomplete releases
 (ViT-L/14 and ViT-g/14 IN-21K) are not downloaded, see :mod:`franca.hub.release_caveats`. Returned backbones use the
 flat block layout (``model.blocks[i]``) like the official hub, unless ``block_chunks`` is passed; checkpoints of
 either layout load.
@@ -14,7 +16,6 @@ import http.client
 import os
 import tempfile
 import urllib.error
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,20 @@ from torch import nn
 
 from franca.hub.loading import extract_checkpoint_parts, load_backbone_weights, read_checkpoint
 from franca.hub.release_caveats import check_release_weights
+from franca.hub.releases import (
+    RELEASES_URL,
+    Weights,
+    backbone_urls,
+    native_img_size,
+    parse_weights,
+    rasa_url,
+    release,
+    release_name,
+)
 from franca.models import build_model
 
-RELEASE_URL = "https://github.com/valeoai/Franca/releases/download/v1.0.0"
-_VITG_PIECES = ("chunked.tar.gz.part_aa", "chunked.tar.gz.part_ab", "chunked.tar.gz.part_ac")
+# Base of the release downloads; a file's address is ``{RELEASE_URL}/{tag}/{file}`` (see franca.hub.releases).
+RELEASE_URL = RELEASES_URL
 
 # Architecture settings of the released backbones (keys of cfg.student); any of them can be overridden.
 HUB_BACKBONE_CONFIG: dict[str, Any] = {
@@ -41,28 +52,6 @@ HUB_BACKBONE_CONFIG: dict[str, Any] = {
     "interpolate_antialias": False,
     "interpolate_offset": 0.1,
 }
-
-
-class Weights(Enum):
-    """Released pretraining runs (the value is the name used in the release file names)."""
-
-    IN21K = "In21K"
-    LAION = "Laion600M"
-    DINOV2_IN21K = "Dinov2_In21K"
-
-
-def _parse_weights(weights: Weights | str) -> Weights:
-    if isinstance(weights, Weights):
-        return weights
-    for option in Weights:
-        if weights.lower() in (option.name.lower(), option.value.lower()):
-            return option
-    raise ValueError(f"unsupported weights {weights!r}; expected one of {', '.join(w.name for w in Weights)}")
-
-
-def release_name(arch_name: str, patch_size: int, weights: Weights) -> str:
-    """Official file stem, e.g. ``franca_vitl14_In21K`` (``vit_giant2`` → ``vitg``)."""
-    return f"franca_{arch_name.replace('_', '')[:4]}{patch_size}_{weights.value}"
 
 
 def _unreachable(url: str, error: Exception, argument: str) -> ConnectionError:
@@ -95,11 +84,10 @@ def _download_pieces(urls: list[str], file_name: str) -> Path:
 
 
 def _release_state_dict(arch_name: str, patch_size: int, weights: Weights) -> dict:
-    name = release_name(arch_name, patch_size, weights)
-    if arch_name == "vit_giant2":
-        urls = [f"{RELEASE_URL}/{name}_{piece}" for piece in _VITG_PIECES]
-        return read_checkpoint(_download_pieces(urls, f"{name}.pth"))
-    return _download_state_dict(f"{RELEASE_URL}/{name}.pth", "local_state_dict")
+    urls = backbone_urls(arch_name, patch_size, weights, RELEASE_URL)
+    if len(urls) > 1:
+        return read_checkpoint(_download_pieces(urls, f"{release_name(arch_name, patch_size, weights)}.pth"))
+    return _download_state_dict(urls[0], "local_state_dict")
 
 
 def _attach_rasa_head(model: nn.Module, source: str | os.PathLike | dict) -> None:
@@ -111,7 +99,7 @@ def _attach_rasa_head(model: nn.Module, source: str | os.PathLike | dict) -> Non
 def _make_franca_model(
     *,
     arch_name: str = "vit_large",
-    img_size: int = 224,
+    img_size: int | None = None,
     pretrained: bool = True,
     weights: Weights | str = Weights.IN21K,
     use_rasa_head: bool = False,
@@ -126,18 +114,25 @@ def _make_franca_model(
     With ``use_rasa_head`` the RASA head (from ``RASA_local_state_dict`` or the release) is attached as
     ``model.rasa_head`` and ``forward_features(x, use_rasa_head=True)`` adds ``patch_token_rasa``.
     """
-    weights = _parse_weights(weights)
-    if pretrained and weights == Weights.LAION and arch_name == "vit_base":
-        raise ValueError("Franca ViT-B/14 has no LAION weights; use weights='IN21K' or pretrained=False")
+    weights = parse_weights(weights)
+    downloads_backbone = pretrained and local_state_dict is None
+    downloads_rasa = use_rasa_head and RASA_local_state_dict is None
     check_release_weights(
         arch_name,
         weights,
-        downloads=(pretrained and local_state_dict is None) or (use_rasa_head and RASA_local_state_dict is None),
+        downloads=downloads_backbone or downloads_rasa,
         loads_local=(pretrained and local_state_dict is not None)
         or (use_rasa_head and RASA_local_state_dict is not None),
     )
     config = {"arch": arch_name, **HUB_BACKBONE_CONFIG}
     config.update({key: kwargs.pop(key) for key in HUB_BACKBONE_CONFIG if key in kwargs})
+    # Errors naming what is published, before building or downloading anything.
+    if downloads_backbone:
+        release(arch_name, weights)
+    if downloads_rasa:
+        rasa_url(arch_name, config["patch_size"], weights, RELEASE_URL)
+    if img_size is None:
+        img_size = native_img_size(arch_name, weights)
     model, _ = build_model(config, only_teacher=True, img_size=img_size, **kwargs)
 
     if pretrained:
@@ -150,24 +145,21 @@ def _make_franca_model(
         if RASA_local_state_dict is not None:
             _attach_rasa_head(model, RASA_local_state_dict)
         else:
-            name = release_name(arch_name, config["patch_size"], weights)
-            url = f"{RELEASE_URL}/{name}_rasa.pth"
+            url = rasa_url(arch_name, config["patch_size"], weights, RELEASE_URL)
             _attach_rasa_head(model, _download_state_dict(url, "RASA_local_state_dict"))
     return model
 
 
 def franca_vitb14(*, pretrained: bool = True, weights: Weights | str = Weights.IN21K, **kwargs: Any) -> nn.Module:
-    """Franca ViT-B/14 pretrained on ImageNet-21k (``img_size`` 518 by default, 224 for ``DINOV2_IN21K``)."""
-    default_size = 224 if _parse_weights(weights) == Weights.DINOV2_IN21K else 518
-    kwargs.setdefault("img_size", default_size)
+    """Franca ViT-B/14 (IN-21K; ``img_size`` defaults to the release's native size, 518 for ``IN21K``)."""
     return _make_franca_model(arch_name="vit_base", pretrained=pretrained, weights=weights, **kwargs)
 
 
-def franca_vitl14(*, pretrained: bool = True, weights: Weights | str = Weights.IN21K, **kwargs: Any) -> nn.Module:
-    """Franca ViT-L/14 on LAION-600M or the DINOv2 IN-21K baseline (``img_size`` 224; Franca IN-21K is withdrawn)."""
+def franca_vitl14(*, pretrained: bool = True, weights: Weights | str = Weights.LAION, **kwargs: Any) -> nn.Module:
+    """Franca ViT-L/14 on LAION-600M by default (native 518 px); Franca IN-21K is withdrawn."""
     return _make_franca_model(arch_name="vit_large", pretrained=pretrained, weights=weights, **kwargs)
 
 
-def franca_vitg14(*, pretrained: bool = True, weights: Weights | str = Weights.IN21K, **kwargs: Any) -> nn.Module:
-    """Franca ViT-g/14 pretrained on LAION-600M (``img_size`` 224 by default; the IN-21K release is incomplete)."""
+def franca_vitg14(*, pretrained: bool = True, weights: Weights | str = Weights.LAION, **kwargs: Any) -> nn.Module:
+    """Franca ViT-g/14 on LAION-600M (native 224 px); the IN-21K release is incomplete."""
     return _make_franca_model(arch_name="vit_giant2", pretrained=pretrained, weights=weights, **kwargs)

@@ -1,8 +1,8 @@
 """The one checkpoint reader for backbones (hub, trainer, evaluations, RASA, export all use it).
 
-* :func:`read_checkpoint` loads a file with ``torch.load(..., weights_only=True)`` — or a folder holding the pieces
-  ``*.tar.gz.part_*`` of a split tar archive (the ViT-g release) — and returns the state dict inside
-  (the ``teacher``, ``model`` or ``state_dict`` entry when present).
+* :func:`read_checkpoint` loads a file with ``torch.load(..., weights_only=True)``, a ``.safetensors`` file, or a
+  folder holding the pieces ``*.tar.gz.part_*`` of a split tar archive (the ViT-g release) — and returns the state
+  dict inside (the ``teacher``, ``model`` or ``state_dict`` entry when present).
 * :func:`backbone_state_dict` strips the ``module.`` / ``backbone.`` prefixes and drops head keys.
 * :func:`load_backbone_weights` maps the file's block keys to the model's layout — chunked
   ``blocks.<chunk>.<i>.…`` or flat ``blocks.<i>.…``, either way round — and loads strictly: any missing or
@@ -28,6 +28,7 @@ _WRAPPER_PREFIXES = ("module.", "backbone.")
 # Keys of heads trained beside the backbone; a backbone load ignores them (the RASA head is loaded on its own).
 _HEAD_PREFIXES = ("dino_head.", "ibot_head.", "rasa_head.")
 PART_GLOB = "*.tar.gz.part_*"
+SAFETENSORS_SUFFIX = ".safetensors"
 FOLDED_NORM_KEY = "norm.patch_proj.weight"  # written by franca.layers.folded_norm: patch tokens get their own final map
 _CHUNKED_BLOCK_KEY = re.compile(r"blocks\.\d+\.(\d+)\.(.+)")
 _LISTED = 5
@@ -94,14 +95,28 @@ def _state_dict_of(obj: object, origin: str) -> dict[str, Tensor]:
     return dict(obj)
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
-    """State dict of a checkpoint file (or a folder of ``*.tar.gz.part_*`` pieces), loaded on the CPU.
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
-    Picks the ``teacher``, ``model`` or ``state_dict`` entry (first present) of the saved dict.
+    try:
+        return load_file(path, device="cpu")
+    except SafetensorError as error:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from error
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
+    """State dict of a checkpoint file (``.pth``/``.pt``, ``.safetensors``, or a folder of ``*.tar.gz.part_*``
+    pieces), loaded on the CPU.
+
+    Picks the ``teacher``, ``model`` or ``state_dict`` entry (first present) of a saved dict; a ``.safetensors``
+    file is a flat state dict already.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == SAFETENSORS_SUFFIX and path.is_file():
+        return _read_safetensors(path)
     if path.is_dir():
         with tempfile.TemporaryDirectory() as tmp:
             extracted = extract_checkpoint_parts(path, Path(tmp) / "checkpoint.pth")

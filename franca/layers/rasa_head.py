@@ -146,14 +146,17 @@ def load_rasa_head(
     input_dim: int | None = None,
     pos_out_act_layer: str | None = "sigmoid",
 ) -> RASAHead:
-    """Build a ``RASAHead`` from a head file path or state dict; width and number of layers come from its keys.
+    """Build a ``RASAHead`` from a head file (``.pth`` or ``.safetensors``) or a state dict; width and layer count
+    come from its keys.
 
     ``input_dim`` (e.g. the backbone's ``embed_dim``), when given, must match the file's width.
     """
     if isinstance(source, (str, os.PathLike)):
         if not os.path.isfile(source):
             raise FileNotFoundError(f"RASA head file not found: {source}")
-        source = torch.load(source, map_location="cpu", weights_only=True)
+        from franca.hub.loading import read_checkpoint
+
+        source = read_checkpoint(source)
     state_dict = rasa_head_state_dict(source)
     pos_out_dim, width = state_dict["pos_pred.weight"].shape
     if input_dim is not None and width != input_dim:
