@@ -288,3 +288,52 @@ def test_weights_names_and_image_sizes():
     with pytest.raises(ValueError, match="unsupported weights 'IN1K'; expected one of IN21K, IN21K_224, LAION, "):
         backbones.franca_vitl14(weights="IN1K")
     assert backbones.release_name("vit_giant2", 14, backbones.Weights.LAION) == "franca_vitg14_Laion600M"
+
+
+def test_release_table_names_sizes_and_rasa_heads():
+    """The upstream v1.0.0 / v1.1.0 release layout: file names, tags, native sizes, RASA heads, errors."""
+    from franca.hub.releases import RELEASES, Weights, backbone_urls, native_img_size, rasa_url
+
+    base = "https://github.com/valeoai/Franca/releases/download"
+    expected = {
+        ("vit_base", "IN21K"): ("v1.0.0/franca_vitb14_In21K", 518, True),
+        ("vit_base", "IN21K_224"): ("v1.1.0/franca_vitb14_In21K_224", 224, False),
+        ("vit_base", "DINOV2_IN21K"): ("v1.1.0/franca_vitb14_Dinov2_In21K", 224, False),
+        ("vit_base", "DINOV2_IN21K_518"): ("v1.1.0/franca_vitb14_Dinov2_In21K_518", 518, True),
+        ("vit_large", "LAION"): ("v1.0.0/franca_vitl14_Laion600M", 518, True),
+        ("vit_large", "LAION_224"): ("v1.1.0/franca_vitl14_Laion600M_224", 224, False),
+        ("vit_large", "DINOV2_IN21K"): ("v1.1.0/franca_vitl14_Dinov2_In21K", 224, False),
+        ("vit_large", "DINOV2_IN21K_518"): ("v1.1.0/franca_vitl14_Dinov2_In21K_518", 518, True),
+        ("vit_large", "LAION_518"): ("v1.1.0/franca_vitl14_Laion_518", 518, True),
+        ("vit_giant2", "LAION"): ("v1.0.0/franca_vitg14_Laion600M", 224, True),
+    }
+    assert {(arch, w.name) for arch, w in RELEASES} == set(expected)
+    for (arch, name), (stem, size, has_rasa) in expected.items():
+        weights = Weights[name]
+        urls = backbone_urls(arch, 14, weights)
+        if arch == "vit_giant2":
+            assert urls == [f"{base}/{stem}_chunked.tar.gz.part_{p}" for p in ("aa", "ab", "ac")]
+        else:
+            assert urls == [f"{base}/{stem}.pth"]
+        assert native_img_size(arch, weights) == size
+        if has_rasa:
+            assert rasa_url(arch, 14, weights) == f"{base}/{stem}_rasa.pth"
+        else:
+            with pytest.raises(ValueError, match=rf"no RASA head is published for {arch} weights='{name}'"):
+                rasa_url(arch, 14, weights)
+    assert not set(RELEASE_CAVEATS) & {(arch, w.name) for arch, w in RELEASES}  # withdrawn ones are not offered
+
+
+def test_hub_uses_the_native_size_and_names_the_available_weights(monkeypatch, hub_dir):
+    small = {"embed_dim": 64, "depth": 1, "num_heads": 2}
+    assert backbones.franca_vitl14(pretrained=False, **small).patch_embed.img_size == (518, 518)  # LAION default
+    assert backbones.franca_vitl14(pretrained=False, weights="LAION_224", **small).patch_embed.img_size == (224, 224)
+    assert backbones.franca_vitb14(pretrained=False, weights="IN21K_224", **small).patch_embed.img_size == (224, 224)
+    assert backbones.franca_vitg14(pretrained=False, **small).patch_embed.img_size == (224, 224)
+    monkeypatch.setattr(backbones, "RELEASE_URL", UNREACHABLE)
+    with pytest.raises(ValueError, match=r"weights 'DINOV2_IN21K' are not published for vit_giant2; available: LAION$"):
+        backbones.franca_vitg14(weights="DINOV2_IN21K", **small)
+    with pytest.raises(ValueError, match=r"no RASA head is published for vit_base weights='IN21K_224'"):
+        backbones.franca_vitb14(pretrained=False, weights="IN21K_224", use_rasa_head=True, **small)
+    with pytest.raises(ConnectionError, match=r"v1\.1\.0/franca_vitl14_Laion_518_rasa\.pth"):
+        backbones.franca_vitl14(pretrained=False, weights="LAION_518", use_rasa_head=True, **small)

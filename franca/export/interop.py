@@ -24,6 +24,7 @@ from franca.export.patch_map import split_folded_norm
 from franca.export.safetensors_export import SafetensorsRunner, write_safetensors
 from franca.export.timm_export import TimmRunner, write_timm
 from franca.export.verify import TOLERANCE, Check, verify
+from franca.hub.loading import SAFETENSORS_SUFFIX
 from franca.utils.io import fsync_dir
 
 INTEROP_FORMATS = ("hf", "timm", "safetensors", "coreml")
@@ -51,6 +52,8 @@ def _check_destination(out: Path, format: str) -> None:
         raise ValueError(f"{out} already exists and is not an empty folder; choose another --out or remove it")
     if format == "coreml" and out.suffix != ".mlpackage":
         raise ValueError(f"a Core ML package is a folder named *.mlpackage, got {out}")
+    if format == "safetensors" and out.suffix != SAFETENSORS_SUFFIX:
+        raise ValueError(f"a safetensors file must be named *{SAFETENSORS_SUFFIX} (the readers go by it), got {out}")
 
 
 def _stage(
