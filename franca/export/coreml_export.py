@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from franca.export.verify import TOLERANCE, Check, VerificationError, reference_outputs, relative_error
+from franca.export.wrapper import ExportableBackbone
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -29,27 +30,19 @@ MACOS_ONLY = "numerical verification of a Core ML package needs macOS (conversio
 
 
 class CoreMLBackbone(nn.Module):
-    """``images (1, 3, S, S)`` in ``[0, 1]`` → ``(cls_token, patch_tokens[, register_tokens])``, fixed size."""
+    """``images (1, 3, S, S)`` in ``[0, 1]`` → ``(cls_token, patch_tokens[, register_tokens])``, fixed size.
+
+    ImageNet-normalises the image, then runs :class:`ExportableBackbone` with the stored (baked) position table.
+    """
 
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
-        self.backbone = backbone.eval()
+        self.tokens = ExportableBackbone(backbone, static_size=True)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
-        model = self.backbone
-        x = (images - self.mean) / self.std
-        batch = x.shape[0]
-        tokens = torch.cat((model.cls_token.expand(batch, -1, -1), model.patch_embed(x)), dim=1) + model.pos_embed
-        registers = model.num_register_tokens
-        if registers:
-            tokens = torch.cat((tokens[:, :1], model.register_tokens.expand(batch, -1, -1), tokens[:, 1:]), dim=1)
-        for block in model.block_list():
-            tokens = block(tokens)
-        tokens = model.norm(tokens)
-        outputs = (tokens[:, 0], tokens[:, 1 + registers :])
-        return outputs + (tokens[:, 1 : 1 + registers],) if registers else outputs
+        return tuple(self.tokens((images - self.mean) / self.std).values())
 
 
 def write_coreml(backbone: nn.Module, path: Path, img_size: int, names: tuple[str, ...], fp16: bool) -> list[Path]:

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from franca.export.layout import BackboneLayout, describe, flat_state_dict
-from franca.export.patch_map import apply_patch_map
+from franca.export.patch_map import split_tokens
 from franca.export.safetensors_export import save_safetensors
 from franca.export.verify import VerificationError
 
@@ -159,10 +159,4 @@ class HFRunner:
     @torch.no_grad()
     def __call__(self, images: Tensor) -> dict[str, Tensor]:
         tokens = self.model(pixel_values=images).last_hidden_state
-        outputs = {
-            "cls_token": tokens[:, 0],
-            "patch_tokens": apply_patch_map(tokens[:, 1 + self.registers :], self.patch_map),
-        }
-        if self.registers:
-            outputs["register_tokens"] = tokens[:, 1 : 1 + self.registers]
-        return outputs
+        return split_tokens(tokens, self.registers, self.patch_map)

@@ -45,3 +45,12 @@ def apply_patch_map(patch_tokens: Tensor, patch_map: dict[str, Tensor] | None) -
     if patch_map is None:
         return patch_tokens
     return torch.nn.functional.linear(patch_tokens, patch_map["weight"], patch_map["bias"])
+
+
+def split_tokens(tokens: Tensor, registers: int, patch_map: dict[str, Tensor] | None) -> dict[str, Tensor]:
+    """A stock ViT's normalised ``[cls, registers, patches]`` tokens (B, 1 + R + N, D) as named outputs, the patch
+    map (if any) applied to the patch tokens."""
+    outputs = {"cls_token": tokens[:, 0], "patch_tokens": apply_patch_map(tokens[:, 1 + registers :], patch_map)}
+    if registers:
+        outputs["register_tokens"] = tokens[:, 1 : 1 + registers]
+    return outputs

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from franca.export.layout import BackboneLayout, describe, flat_state_dict
-from franca.export.patch_map import apply_patch_map
+from franca.export.patch_map import split_tokens
 from franca.export.safetensors_export import save_safetensors
 from franca.utils.io import atomic_save, atomic_write_text
 
@@ -100,10 +100,4 @@ class TimmRunner:
     @torch.no_grad()
     def __call__(self, images: Tensor) -> dict[str, Tensor]:
         tokens = self.model.forward_features(images)
-        outputs = {
-            "cls_token": tokens[:, 0],
-            "patch_tokens": apply_patch_map(tokens[:, 1 + self.registers :], self.patch_map),
-        }
-        if self.registers:
-            outputs["register_tokens"] = tokens[:, 1 : 1 + self.registers]
-        return outputs
+        return split_tokens(tokens, self.registers, self.patch_map)

@@ -25,12 +25,15 @@ INPUT_NAME = "images"
 class ExportableBackbone(nn.Module):
     """``images (B, 3, H, W)`` → dict of normalised ``cls_token``, ``patch_tokens`` [, ``register_tokens``].
 
-    ``H`` and ``W`` must be multiples of ``backbone.patch_size``; patch tokens are in row-major grid order.
+    ``H`` and ``W`` must be multiples of ``backbone.patch_size``; patch tokens are in row-major grid order. With
+    ``static_size`` the stored position embedding is added as it is (no resize in the graph), so images must have
+    the stored grid (a table baked at the export size, ``franca.export.baking``).
     """
 
-    def __init__(self, backbone: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, static_size: bool = False) -> None:
         super().__init__()
         self.backbone = backbone.eval()
+        self.static_size = static_size
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -44,9 +47,12 @@ class ExportableBackbone(nn.Module):
         rows = images.shape[-2] // model.patch_size
         cols = images.shape[-1] // model.patch_size
         tokens = torch.cat((model.cls_token.expand(batch, -1, -1), model.patch_embed(images)), dim=1)
-        pos_embed = interpolate_pos_embed(
-            model.pos_embed, rows, cols, model.interpolate_offset, model.interpolate_antialias
-        )
+        if self.static_size:
+            pos_embed = model.pos_embed
+        else:
+            pos_embed = interpolate_pos_embed(
+                model.pos_embed, rows, cols, model.interpolate_offset, model.interpolate_antialias
+            )
         tokens = tokens + pos_embed.to(tokens.dtype)
         registers = model.num_register_tokens
         if registers:
