@@ -1,4 +1,5 @@
-"""Deployable exports of Franca backbones: ONNX files and ``torch.export`` programs, verified against PyTorch.
+"""Deployable exports of Franca backbones, verified against PyTorch before anything is written: ONNX files,
+``torch.export`` programs, Hugging Face transformers folders, timm files, ``.safetensors`` and Core ML packages.
 
 ``python -m franca.export --help`` for the command line; in Python::
 
@@ -7,7 +8,8 @@
     export_backbone(model, "franca_vitb14.onnx", format="onnx", img_size=224, dynamic_size=True)
 
 The graph's only input is the image batch; its outputs are ``cls_token`` (B, D), ``patch_tokens`` (B, N, D) and,
-with registers, ``register_tokens`` (B, R, D).
+with registers, ``register_tokens`` (B, R, D). ``format="hf"`` / ``"timm"`` / ``"safetensors"`` / ``"coreml"``
+are described in :mod:`franca.export.interop` and docs/export.md.
 """
 
 from franca.export.api import FORMATS, ExportResult, check_image_size, export_backbone

@@ -24,7 +24,8 @@ class ReleaseCaveat:
     instead: str
 
 
-# Keyed by (builder name, weights name); the weights names are those of ``franca.hub.backbones.Weights``.
+# Keyed by (builder name, weights name); the weights names are those of ``franca.hub.releases.Weights``. These
+# combinations are absent from ``franca.hub.releases.RELEASES``.
 RELEASE_CAVEATS: dict[tuple[str, str], ReleaseCaveat] = {
     ("vit_large", "IN21K"): ReleaseCaveat(
         status="withdrawn",
