@@ -112,7 +112,8 @@ def _make_franca_model(
     ``kwargs`` keys of :data:`HUB_BACKBONE_CONFIG` change the architecture settings; any other keyword goes to the
     model builder (e.g. ``drop_path_rate``, ``attn_backend``, or ``embed_dim``/``depth``/``num_heads``).
     With ``use_rasa_head`` the RASA head (from ``RASA_local_state_dict`` or the release) is attached as
-    ``model.rasa_head`` and ``forward_features(x, use_rasa_head=True)`` adds ``patch_token_rasa``.
+    ``model.rasa_head`` and ``forward_features(x, use_rasa_head=True)`` adds ``patch_token_rasa``. Without
+    ``img_size`` the model is built at the release's native size (:func:`franca.hub.releases.native_img_size`).
     """
     weights = parse_weights(weights)
     downloads_backbone = pretrained and local_state_dict is None
