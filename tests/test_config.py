@@ -10,12 +10,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from franca.configs import available_configs, franca_default_config, load_and_merge_config, load_config
+from franca.configs import available_configs, franca_default_config, load_config
 from franca.train.schedules import CosineScheduler
 from franca.utils.config import (
     ConfigError,
     apply_scaling_rules_to_cfg,
     get_cfg_from_args,
+    load_and_merge_config,
     load_config_file,
     write_config,
 )

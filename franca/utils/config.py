@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from franca.configs import CONFIG_DIR, available_configs, franca_default_config
+from franca.configs import CONFIG_DIR, available_configs, config_path, franca_default_config
 
 logger = logging.getLogger("franca")
 
@@ -213,6 +213,11 @@ def load_config_file(config_file: str | os.PathLike | None, overrides: Sequence[
     cfg = OmegaConf.merge(*layers)
     _check_choices(cfg)
     return cfg
+
+
+def load_and_merge_config(config_name: str) -> DictConfig:
+    """Default config ⊕ the shipped config ``config_name`` (``train/IN21K/vitb14``), validated."""
+    return load_config_file(config_path(config_name))
 
 
 def get_cfg_from_args(args: Any) -> DictConfig:
