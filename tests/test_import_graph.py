@@ -128,3 +128,17 @@ def test_no_import_cycles(package):
     graph = _graph(package)
     assert len(graph) > 5
     assert _cycles(graph) == []
+
+
+def test_rasa_builds_on_franca_public_layers_only():
+    """RASA post-training reaches franca through its models, hub, eval features, layers and utilities only."""
+    allowed = ("franca.models", "franca.hub", "franca.eval", "franca.layers", "franca.utils")
+    franca_imports = {
+        f"{name} imports {imported}"
+        for name, path in _modules("rasa").items()
+        for imported in _imports(path, _modules("rasa"))
+        if imported.split(".")[0] == "franca"
+    }
+    assert franca_imports, "rasa is expected to build on franca"
+    offending = sorted(line for line in franca_imports if not line.split(" imports ")[1].startswith(allowed))
+    assert offending == []
