@@ -3,7 +3,7 @@
 Every weight file goes through the one checkpoint reader (``franca.hub.loading``): ``teacher``/``backbone.``
 prefixes, chunked or flat block keys, strict keys and shapes. A file written by ``rasa.fold`` (extra
 ``norm.patch_proj.*`` keys) loads into the same architecture with the folded norm. A RASA head file given on its
-own is folded in afterwards (``rasa.fold``), so the exported patch tokens are the debiased ones.
+own is folded in afterwards (``franca.layers.folded_norm.fold``), so the exported patch tokens are the debiased ones.
 
 * ``hub``: ``franca_vitb14`` / ``franca_vitl14`` / ``franca_vitg14`` with ``hub_weights`` (``IN21K``, ``LAION``,
   ``DINOV2_IN21K``); ``weights`` (a local file) replaces the download.
