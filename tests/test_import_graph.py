@@ -142,3 +142,15 @@ def test_rasa_builds_on_franca_public_layers_only():
     assert franca_imports, "rasa is expected to build on franca"
     offending = sorted(line for line in franca_imports if not line.split(" imports ")[1].startswith(allowed))
     assert offending == []
+
+
+def test_franca_subpackages_form_layers():
+    """Collapsed to subpackages (``franca.models``, ``franca.train``, …) the graph has no cycle either: no arrow runs
+    back up from a lower layer (layers, loss, data, utils, …) to one built on it (train, eval, export, run)."""
+    packages: dict[str, set[str]] = {}
+    for name, imported in _graph("franca").items():
+        package = ".".join(name.split(".")[:2])
+        packages.setdefault(package, set()).update(".".join(i.split(".")[:2]) for i in imported)
+    packages = {p: {i for i in imported if i != p and i in packages} for p, imported in packages.items()}
+    assert {"franca.layers", "franca.train", "franca.hub"} <= set(packages)
+    assert _cycles(packages) == []
