@@ -24,8 +24,7 @@ from franca.export.patch_map import split_folded_norm
 from franca.export.safetensors_export import SafetensorsRunner, write_safetensors
 from franca.export.timm_export import TimmRunner, write_timm
 from franca.export.verify import TOLERANCE, Check, verify
-from franca.hub.loading import SAFETENSORS_SUFFIX
-from franca.utils.io import fsync_dir
+from franca.utils.io import SAFETENSORS_SUFFIX, fsync_dir
 
 INTEROP_FORMATS = ("hf", "timm", "safetensors", "coreml")
 _PURPOSE = {

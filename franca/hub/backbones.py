@@ -34,6 +34,7 @@ from franca.hub.releases import (
     release,
     release_name,
 )
+from franca.layers.rasa_head import load_rasa_head
 from franca.models import build_model
 
 # Base of the release downloads; a file's address is ``{RELEASE_URL}/{tag}/{file}`` (see franca.hub.releases).
@@ -91,8 +92,6 @@ def _release_state_dict(arch_name: str, patch_size: int, weights: Weights) -> di
 
 
 def _attach_rasa_head(model: nn.Module, source: str | os.PathLike | dict) -> None:
-    from franca.layers.rasa_head import load_rasa_head
-
     model.rasa_head = load_rasa_head(source, input_dim=model.embed_dim)
 
 

@@ -23,12 +23,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from franca.layers.folded_norm import prepare_for_folded_state_dict
+from franca.utils.io import load_tensor_file
+
 _STATE_DICT_ENTRIES = ("teacher", "model", "state_dict")
 _WRAPPER_PREFIXES = ("module.", "backbone.")
 # Keys of heads trained beside the backbone; a backbone load ignores them (the RASA head is loaded on its own).
 _HEAD_PREFIXES = ("dino_head.", "ibot_head.", "rasa_head.")
 PART_GLOB = "*.tar.gz.part_*"
-SAFETENSORS_SUFFIX = ".safetensors"
 FOLDED_NORM_KEY = "norm.patch_proj.weight"  # written by franca.layers.folded_norm: patch tokens get their own final map
 _CHUNKED_BLOCK_KEY = re.compile(r"blocks\.\d+\.(\d+)\.(.+)")
 _LISTED = 5
@@ -95,16 +97,6 @@ def _state_dict_of(obj: object, origin: str) -> dict[str, Tensor]:
     return dict(obj)
 
 
-def _read_safetensors(path: Path) -> dict[str, Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(path, device="cpu")
-    except SafetensorError as error:
-        raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from error
-
-
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
     """State dict of a checkpoint file (``.pth``/``.pt``, ``.safetensors``, or a folder of ``*.tar.gz.part_*``
     pieces), loaded on the CPU.
@@ -115,14 +107,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == SAFETENSORS_SUFFIX and path.is_file():
-        return _read_safetensors(path)
     if path.is_dir():
         with tempfile.TemporaryDirectory() as tmp:
             extracted = extract_checkpoint_parts(path, Path(tmp) / "checkpoint.pth")
             obj = torch.load(extracted, map_location="cpu", weights_only=True)
     else:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = load_tensor_file(path)
     return _state_dict_of(obj, str(path))
 
 
@@ -192,8 +182,6 @@ def load_backbone_weights(model: nn.Module, path_or_state_dict: str | os.PathLik
         state_dict = _state_dict_of(path_or_state_dict, "the given object")
     backbone = backbone_state_dict(state_dict)
     if FOLDED_NORM_KEY in backbone:
-        from franca.layers.folded_norm import prepare_for_folded_state_dict
-
         prepare_for_folded_state_dict(model, backbone)
     renamed = match_backbone_keys(model, backbone)
     on_meta = any(p.is_meta for p in model.parameters())

@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from franca.utils.io import load_tensor_file
+
 _ACTIVATIONS: dict[str | None, type[nn.Module]] = {
     "sigmoid": nn.Sigmoid,
     "tanh": nn.Tanh,
@@ -154,9 +156,7 @@ def load_rasa_head(
     if isinstance(source, (str, os.PathLike)):
         if not os.path.isfile(source):
             raise FileNotFoundError(f"RASA head file not found: {source}")
-        from franca.hub.loading import read_checkpoint
-
-        source = read_checkpoint(source)
+        source = load_tensor_file(source)
     state_dict = rasa_head_state_dict(source)
     pos_out_dim, width = state_dict["pos_pred.weight"].shape
     if input_dim is not None and width != input_dim:

@@ -57,3 +57,21 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+SAFETENSORS_SUFFIX = ".safetensors"
+
+
+def load_tensor_file(path: str | os.PathLike) -> Any:
+    """The contents of a saved-tensors file on the CPU: a ``*.safetensors`` file's tensors (a flat dict), else
+    ``torch.load(path, weights_only=True)``. An unreadable safetensors file is a ``ValueError`` naming it."""
+    path = Path(path)
+    if path.suffix != SAFETENSORS_SUFFIX:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device="cpu")
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
