@@ -92,7 +92,7 @@ def predict_check(path: Path, backbone: nn.Module, img_size: int, names: tuple[s
     from PIL import Image
 
     pixels = torch.randint(0, 256, (img_size, img_size, 3), generator=torch.Generator().manual_seed(0))
-    image = Image.fromarray(pixels.numpy().astype(np.uint8), mode="RGB")
+    image = Image.fromarray(pixels.numpy().astype(np.uint8))  # (H, W, 3) uint8: RGB
     predicted = ct.models.MLModel(str(path)).predict({"images": image})
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     normalised = (pixels.permute(2, 0, 1)[None].float() / 255 - mean) / std
