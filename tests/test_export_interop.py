@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import sys
@@ -241,3 +242,32 @@ def test_coreml_package_inputs_and_outputs(reference_dir, tmp_path, capsys):
     assert cli.main([*weights, "--format", "coreml", "--out", str(tmp_path / "cli.mlpackage")]) == 0
     printed = capsys.readouterr().out
     assert "wrote" in printed and (sys.platform == "darwin" or "numerical verification" in printed)
+
+
+def test_coreml_prediction_check_compares_with_pytorch(monkeypatch):
+    """The macOS check's own logic (image → normalised input → per-output error), with a stand-in for Core ML."""
+    ct = pytest.importorskip("coremltools", reason="the 'coreml' extra is not installed")
+    import numpy as np
+
+    from franca.export.coreml_export import CoreMLBackbone, predict_check
+
+    model = _tiny(num_register_tokens=1)
+    program = CoreMLBackbone(copy.deepcopy(model))  # the "package": a frozen copy
+
+    class StandIn:
+        def __init__(self, path):
+            self.path = path
+
+        def predict(self, inputs):
+            pixels = torch.from_numpy(np.array(inputs["images"])).permute(2, 0, 1)[None].float() / 255
+            with torch.no_grad():
+                outputs = program(pixels)
+            return {name: out.numpy() for name, out in zip(("cls_token", "patch_tokens", "register_tokens"), outputs)}
+
+    monkeypatch.setattr(ct.models, "MLModel", StandIn)
+    names = ("cls_token", "patch_tokens", "register_tokens")
+    assert predict_check("m.mlpackage", model, 56, names, fp16=False).error <= 1e-5
+    with torch.no_grad():
+        model.norm.bias.add_(1.0)  # PyTorch now disagrees with the "package"
+    with pytest.raises(VerificationError, match="differs from PyTorch"):
+        predict_check("m.mlpackage", model, 56, names, fp16=True)
