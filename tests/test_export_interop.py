@@ -271,3 +271,18 @@ def test_coreml_prediction_check_compares_with_pytorch(monkeypatch):
         model.norm.bias.add_(1.0)  # PyTorch now disagrees with the "package"
     with pytest.raises(VerificationError, match="differs from PyTorch"):
         predict_check("m.mlpackage", model, 56, names, fp16=True)
+
+
+@pytest.mark.parametrize("dim", [384, 768, 1024, 1536])
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_release_widths_map_to_both_libraries(dim, swiglu):
+    """FFN widths of ViT-S/B/L/g (MLP 4·D, SwiGLU (int(4D·2/3) + 7)//8·8) in transformers' and timm's terms."""
+    from franca.export.hf_export import hf_config
+    from franca.export.layout import BackboneLayout
+    from franca.export.timm_export import timm_spec
+
+    hidden = (int(4 * dim * 2 / 3) + 7) // 8 * 8 if swiglu else 4 * dim
+    layout = BackboneLayout(dim, 12, dim // 64, 14, 0, swiglu, hidden, True, True, True, True, 1e-6)
+    assert hf_config(layout, 518).mlp_ratio == 4
+    kwargs = timm_spec(layout, 518)["kwargs"]
+    assert int(dim * kwargs["mlp_ratio"]) == (2 * hidden if swiglu else hidden)
