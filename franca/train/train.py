@@ -24,7 +24,8 @@ scaler, iteration, sampler position and every rank's RNG states. On CPU (determi
 with workers it continues at the right sample, with worker RNG streams seeded from (seed, rank, start).
 
 Precision: ``SSLMetaArch`` autocasts to ``compute_precision.student.backbone.mixed_precision.param_dtype``
-on CUDA and owns the fp16 grad scaler (``model.fp16_scaler``, unscaled here before clipping); CPU is fp32.
+on CUDA and owns the fp16 grad scaler (``model.fp16_scaler``, unscaled here before clipping); CPU is fp32
+unless ``compute_precision.fp32_on_cpu=false`` (then CPU autocast and the scaler as on a GPU).
 A NaN/inf loss term stops the run before the optimizer step with one line naming the iteration and
 every term (exit status 1); the checkpoints already written stay the latest.
 """
@@ -40,6 +41,7 @@ import random
 import sys
 import zlib
 from collections.abc import Sequence
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from torch.distributed.tensor import DTensor
 
 import franca.distributed as distributed
 from franca import fsdp
@@ -84,10 +87,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------- optimisation
 
 
-def build_optimizer(cfg: DictConfig, params_groups: list[dict]) -> torch.optim.AdamW:
-    """AdamW over the student's groups; the fused kernel when every parameter supports it, else foreach."""
+def build_optimizer(
+    cfg: DictConfig, params_groups: list[dict], grad_scaler: torch.amp.GradScaler | None = None
+) -> torch.optim.AdamW:
+    """AdamW over the student's groups; the fused kernel when every parameter supports it, else foreach.
+
+    Not fused when ``grad_scaler`` steps FSDP2 (DTensor) parameters: the scaler hands the fused kernel a
+    plain ``found_inf`` tensor, which does not broadcast against the DTensor step counts (crash at step 1).
+    """
     params = [p for group in params_groups for p in group["params"]]
     fused = all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in params)
+    if grad_scaler is not None and any(isinstance(p, DTensor) for p in params):
+        fused = False
     groups = [{k: v for k, v in group.items() if k not in ("foreach", "fused")} for group in params_groups]
     kernel = {"fused": True} if fused else {"foreach": True}
     return torch.optim.AdamW(groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), **kernel)
@@ -331,7 +342,7 @@ def do_train(cfg: DictConfig, model: SSLMetaArch, resume: bool = True, log_perio
     model.train()
     output_dir = Path(cfg.train.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    optimizer = build_optimizer(cfg, model.get_params_groups())
+    optimizer = build_optimizer(cfg, model.get_params_groups(), model.fp16_scaler)
     lr_schedule, wd_schedule, momentum_schedule, teacher_temp_schedule, last_layer_lr_schedule = build_schedulers(cfg)
     epoch_length = cfg.train.OFFICIAL_EPOCH_LENGTH
     max_iter = cfg.optim.epochs * epoch_length
@@ -422,9 +433,11 @@ def set_cpu_threads(num_workers: int) -> int:
 
 
 def setup(args: argparse.Namespace) -> DictConfig:
-    """Process group, merged + validated config, logging to ``D/log.txt``, seeds, lr scaling, ``D/config.yaml``."""
-    distributed.enable(overwrite=True)
+    """Merged + validated config, process group on ``train.device`` (timeout ``train.dist_timeout_minutes``),
+    logging to ``D/log.txt``, seeds, lr scaling, ``D/config.yaml``."""
     cfg = get_cfg_from_args(args)
+    timeout = timedelta(minutes=cfg.train.dist_timeout_minutes)
+    distributed.enable(overwrite=True, device=cfg.train.device, timeout=timeout)
     setup_logging(cfg.train.output_dir, level=logging.INFO)
     fix_random_seeds(cfg.train.seed + distributed.get_rank())
     apply_scaling_rules_to_cfg(cfg, distributed.get_world_size())
@@ -441,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--log-period must be >= 1, got {args.log_period}")
     try:
         cfg = setup(args)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = distributed.get_device()
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
         else:

@@ -31,6 +31,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "dino.mrl_projection": ("linear", "slice"),
     "student.ffn_layer": ("mlp", "swiglu", "swiglufused", "identity"),
     "student.attn_backend": ("", "auto", "sdpa", "xformers", "math"),
+    "train.device": ("auto", "cuda", "cpu"),
 }
 _PRECISIONS = ("fp32", "fp16", "bf16")
 
