@@ -436,6 +436,8 @@ def setup(args: argparse.Namespace) -> DictConfig:
     """Merged + validated config, process group on ``train.device`` (timeout ``train.dist_timeout_minutes``),
     logging to ``D/log.txt``, seeds, lr scaling, ``D/config.yaml``."""
     cfg = get_cfg_from_args(args)
+    if cfg.train.dist_timeout_minutes <= 0:
+        raise ValueError(f"train.dist_timeout_minutes must be positive, got {cfg.train.dist_timeout_minutes}")
     timeout = timedelta(minutes=cfg.train.dist_timeout_minutes)
     distributed.enable(overwrite=True, device=cfg.train.device, timeout=timeout)
     setup_logging(cfg.train.output_dir, level=logging.INFO)
