@@ -64,6 +64,26 @@ def _force_inf(model: SSLMetaArch) -> None:
         grad.view(-1)[0] = math.inf
 
 
+@torch.no_grad()
+def _teacher_after_ema(model: SSLMetaArch, images: torch.Tensor) -> dict[str, float]:
+    """Teacher forward, then a very different student copied into the teacher (EMA with momentum 0), then the
+    teacher forward again: it must now compute what the student computes (root unit resharded, weights
+    gathered anew), not what it computed before."""
+
+    def cls(backbone) -> torch.Tensor:
+        return backbone.forward_features(images)["x_norm_clstoken"].float()
+
+    before = cls(model.teacher.backbone)
+    for param in model.student.parameters():
+        param.mul_(-1.0)
+    model.update_teacher(0.0)
+    after, student = cls(model.teacher.backbone), cls(model.student.backbone)
+    return {
+        "ema_change": float((after - before).abs().max()),
+        "teacher_vs_student": float((after - student).abs().max()),
+    }
+
+
 def _train_worker(rank: int, world_size: int, port: int, overrides: tuple, out: str) -> None:
     _init(rank, world_size, port)
     try:
@@ -110,6 +130,7 @@ def _train_worker(rank: int, world_size: int, port: int, overrides: tuple, out: 
             "steps": steps,
             "scaler": type(model.fp16_scaler).__name__,
             "block_dtypes": block_dtypes,
+            **_teacher_after_ema(model, rank_batch(cfg, 100 + rank)["collated_global_crops"]),
         }
         torch.save(result, f"{out}.{rank}")
     finally:
@@ -128,6 +149,8 @@ def test_two_ranks_train_in_low_precision_and_skip_an_inf_step_together(policy, 
         for step in result["steps"]:
             assert step["losses"] and all(math.isfinite(v) for v in step["losses"].values())
     assert [s["losses"] for s in results[0]["steps"]] == [s["losses"] for s in results[1]["steps"]]  # all-reduced
+    for result in results:
+        assert result["ema_change"] > 0.1 and result["teacher_vs_student"] == 0.0
     if policy == "bf16":
         assert results[0]["scaler"] == "NoneType"
         assert all(step["updated"] for result in results for step in result["steps"])
