@@ -130,9 +130,12 @@ class TokenLayout:
         parts = x.split([b * n for b, n in self.shapes], dim=0)
         return [p.view(b, n, *x.shape[1:]) for p, (b, n) in zip(parts, self.shapes)]
 
-    @functools.cached_property
+    @property
     def runs(self) -> tuple[tuple[int, int, int, int], ...]:
-        """Maximal runs of consecutive crops with equal token count: ``(first_row, stop_row, samples, N)``."""
+        """Maximal runs of consecutive crops with equal token count: ``(first_row, stop_row, samples, N)``.
+
+        Recomputed at each access (a few integers): ``functools.cached_property`` takes an ``RLock`` on
+        Python < 3.12, which Dynamo cannot trace, a graph break in every compiled block (``train.compile``)."""
         runs: list[list[int]] = []
         row = 0
         for b, n in self.shapes:
