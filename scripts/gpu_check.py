@@ -38,7 +38,8 @@ import torch  # noqa: E402
 from benchmark import _machine  # noqa: E402  (scripts/benchmark.py: the machine header of every figure)
 
 from benchmarks.common import median, peak_memory_mb, synchronize, time_fn  # noqa: E402
-from benchmarks.step import random_batch, step_flops  # noqa: E402
+from benchmarks.step import step_flops  # noqa: E402
+from franca.data.synthetic import random_collated_batch  # noqa: E402
 from franca.layers.attention import TokenLayout, packed_attention, xformers_failure  # noqa: E402
 from franca.train.ssl_meta_arch import SSLMetaArch  # noqa: E402
 from franca.train.train import (  # noqa: E402
@@ -191,7 +192,7 @@ def _step_model(config: str, overrides: list[str], sizes: Sizes):
     model.prepare_for_distributed_training()
     optimizer = build_optimizer(cfg, model.get_params_groups(), model.fp16_scaler)
     apply_optim_scheduler(optimizer, lr=1e-4, wd=0.04, last_layer_lr=1e-4)
-    batch = random_batch(cfg, sizes.batch)
+    batch = random_collated_batch(cfg, seed=0)
     losses: list[dict[str, float]] = []
 
     def step() -> None:

@@ -23,7 +23,7 @@ from torch._subclasses.fake_tensor import (
     unset_fake_temporarily,
 )
 
-from franca.data import augmentations
+from franca.data import multicrop
 from franca.data.synthetic import random_collated_batch
 from franca.train.ssl_meta_arch import SSLMetaArch
 from franca.train.train import build_batch_augmentation
@@ -76,13 +76,13 @@ def _forward_step(model: SSLMetaArch, batch: dict) -> None:
 
 def test_batch_augmentation_renders_crops_on_the_cuda_device(monkeypatch):
     augmentation = build_batch_augmentation(tiny_ssl_cfg(2, "train.batch_augmentation=true"))
-    draw = augmentations._Uniforms.__call__
+    draw = multicrop.Uniforms.__call__
 
     def host_draw(self) -> float:  # the crop boxes are drawn on the host by design: real numbers there
         with unset_fake_temporarily():
             return draw(self)
 
-    monkeypatch.setattr(augmentations._Uniforms, "__call__", host_draw)
+    monkeypatch.setattr(multicrop.Uniforms, "__call__", host_draw)
     with fake_cuda():
         images = [torch.zeros(3, h, w, dtype=torch.uint8, device="cuda") for h, w in ((40, 48), (36, 36))]
         global_crops, local_crops = augmentation(images, torch.float16)
