@@ -2,7 +2,7 @@
 
 ``enable()`` works out ``(rank, world_size, local_rank, local_world_size, master address/port)`` from
 the environment, exports the ``env://`` variables PyTorch expects and initialises the default process
-group: NCCL when CUDA is available, gloo otherwise. The sources, in order of precedence:
+group: NCCL on the selected GPU, gloo on the CPU (see below). The sources, in order of precedence:
 
 1. torchrun: all of ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``,
    ``MASTER_PORT`` are set (a partial set is an error naming the missing variables);
