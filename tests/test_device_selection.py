@@ -63,6 +63,7 @@ def test_cpu_only_torch_build_is_named(no_cuda):
 @pytest.mark.parametrize("hidden", ["", "-1"])
 def test_cpu_is_chosen_when_nothing_asks_for_a_gpu(no_cuda, hidden):
     no_cuda.setenv("CUDA_VISIBLE_DEVICES", hidden)  # empty or -1 hides every GPU: not a request
+    no_cuda.setenv("SLURM_GPUS_PER_NODE", "0")
     assert select_device("auto", _env()) == torch.device("cpu")
 
 

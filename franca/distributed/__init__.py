@@ -202,9 +202,13 @@ def detect_environment() -> DistributedEnvironment:
 
 def gpu_request_reasons(env: DistributedEnvironment, backend: str | None = None) -> list[str]:
     """What in this launch asks for GPUs: an NCCL backend, SLURM GPU variables, ``CUDA_VISIBLE_DEVICES``,
-    several local ranks (an empty ``CUDA_VISIBLE_DEVICES`` or ``-1`` hides every GPU: not a request)."""
+    several local ranks (``SLURM_GPUS*=0`` and an empty or ``-1`` ``CUDA_VISIBLE_DEVICES`` are not requests)."""
     reasons = [f"backend={backend}"] if backend == "nccl" else []
-    reasons += [f"{name}={os.environ[name]}" for name in sorted(os.environ) if name.startswith("SLURM_GPUS")]
+    reasons += [
+        f"{name}={value}"
+        for name, value in sorted(os.environ.items())
+        if name.startswith("SLURM_GPUS") and value.strip() not in ("", "0")
+    ]
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
     if visible and visible != "-1":
         reasons.append(f"CUDA_VISIBLE_DEVICES={visible}")
