@@ -23,9 +23,12 @@ complete. At most one save is in flight; :meth:`ShardedCheckpointer.wait` blocks
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
+import warnings
+from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -64,6 +67,14 @@ METADATA_FILE = ".metadata"
 def temporary_directory(final: Path) -> Path:
     """The hidden name every rank writes into (the same on all ranks: no PID in it)."""
     return final.with_name(f".{final.name}{TMP_SUFFIX}")
+
+
+@contextlib.contextmanager
+def single_process_quiet() -> Iterator[None]:
+    """DCP warns at every call without a process group that it assumes one process: that is the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
+        yield
 
 
 def _barrier() -> None:
@@ -129,12 +140,14 @@ class ShardedCheckpointer:
         meta = dict(iteration=iteration, world_size=distributed.get_world_size(), rng=gather_rng_states(), **extra)
         no_dist = not distributed.is_enabled()
         if not self.async_save:
-            dcp.save(self._state(), checkpoint_id=tmp, no_dist=no_dist)
+            with single_process_quiet():
+                dcp.save(self._state(), checkpoint_id=tmp, no_dist=no_dist)
             self._complete(tmp, final, meta)
             _barrier()
             return final
         self._published.clear()
-        future = dcp.async_save(self._state(), checkpoint_id=tmp, process_group=self._group, no_dist=no_dist)
+        with single_process_quiet():
+            future = dcp.async_save(self._state(), checkpoint_id=tmp, process_group=self._group, no_dist=no_dist)
         future.add_done_callback(lambda done: self._complete_in_background(done, tmp, final, meta))
         self._pending = future
         return final
@@ -183,7 +196,8 @@ class ShardedCheckpointer:
                 raise FileNotFoundError(f"incomplete sharded checkpoint {path}: no {name}")
         state = self._state()
         try:
-            dcp.load(state, checkpoint_id=path, no_dist=not distributed.is_enabled())
+            with single_process_quiet():
+                dcp.load(state, checkpoint_id=path, no_dist=not distributed.is_enabled())
         except dcp.api.CheckpointException as error:  # a BaseException: make it an ordinary read error
             raise RuntimeError(f"cannot load {path}: {error}") from None
         set_model_state_dict(self.model, state["model"])
