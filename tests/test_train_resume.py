@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -222,3 +223,59 @@ def test_sigusr1_saves_then_resume_reproduces_losses(demo_root, tmp_path):
     a = torch.load(full / "eval" / "training_15" / "teacher_checkpoint.pth", weights_only=True)["teacher"]
     b = torch.load(signalled / "eval" / "training_15" / "teacher_checkpoint.pth", weights_only=True)["teacher"]
     assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def _start_ranks(cmd: list[str], world_size: int = 2) -> list[subprocess.Popen]:
+    """``world_size`` trainer processes of one gloo process group (torchrun's variables)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    procs = []
+    for rank in range(world_size):
+        env = dict(_env(), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+        env.update(LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(
+            subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        )
+    return procs
+
+
+def _wait_all(procs: list[subprocess.Popen], timeout: float = 300) -> list[int]:
+    for proc in procs:
+        _, err = proc.communicate(timeout=timeout)
+        proc.stderr_tail = err[-3000:]
+    return [proc.returncode for proc in procs]
+
+
+@pytest.mark.slow
+def test_two_ranks_sigusr1_on_one_rank_then_resume_reproduces_losses(demo_root, tmp_path):
+    """2 gloo ranks, DCP: SIGUSR1 reaches rank 1 only; both agree to stop after the same iteration, save and
+    exit; 2 ranks resume (each its RNG streams and sampler position) and repeat the uninterrupted losses."""
+    n_iterations, k = 12, 3
+    settings = {
+        "optim.epochs": n_iterations // 2,
+        "train.checkpoint_period_iterations": 6,
+        "train.checkpoint_format": "dcp",
+        "evaluation.eval_period_iterations": 0,
+    }
+    full, signalled = tmp_path / "full", tmp_path / "signalled"
+    reference = _start_ranks(_command(demo_root, full, **settings))
+    victims = _start_ranks(_command(demo_root, signalled, **settings))
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and victims[1].poll() is None and len(_records(signalled)) < k:
+        time.sleep(0.02)
+    assert victims[1].poll() is None, "the run finished before it could be signalled"
+    os.kill(victims[1].pid, signal.SIGUSR1)
+    codes = _wait_all(victims)
+    assert codes == [REQUEUE_EXIT_CODE] * 2, [p.stderr_tail for p in victims]
+    (stop,) = [line for line in (signalled / "log.txt").read_text().splitlines() if "stopped by" in line]
+    assert "another rank's stop signal" in stop  # rank 0 writes the log; the signal went to rank 1
+    stopped_at = int(stop.split("after iteration ")[1].split(":")[0])
+    assert [it for it, _ in list_checkpoints(signalled)] == [stopped_at] and stopped_at < 5
+
+    resumed = _start_ranks(_command(demo_root, signalled, **settings))
+    assert _wait_all(resumed) == [0, 0], [p.stderr_tail for p in resumed]
+    assert _wait_all(reference) == [0, 0], [p.stderr_tail for p in reference]
+    expected = _values(_records(full))
+    assert [r["iteration"] for r in expected] == list(range(n_iterations))
+    assert _values(_records(signalled)) == expected
