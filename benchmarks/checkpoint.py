@@ -10,7 +10,8 @@ no step needed). ``--quick``: ViT-S/14, 4 096 prototypes.
   (memory-mapped) and keeps its shard;
 * ``dcp``: ``ShardedCheckpointer`` — each rank writes its shards (``model_<it>.dcp/``); load = each
   rank reads the shards it needs; ``dcp async``: the part of ``save`` that blocks training (host copy)
-  and the time until the checkpoint is published.
+  and the time until the checkpoint is published;
+* the cost of the preemption check with several ranks (one 1-element all-reduce of the stop flag).
 
 Every phase runs in fresh processes, so a row's peak memory (resident set high-water mark minus the
 resident set before the phase, per rank) is that phase's alone. Both ranks share this machine's disk.
@@ -38,6 +39,7 @@ from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
 from franca import fsdp
 from franca.train.checkpointing import Checkpointer
+from franca.train.preemption import PreemptionHandler
 from franca.train.sharded_checkpoint import ShardedCheckpointer
 from franca.train.ssl_meta_arch import SSLMetaArch
 from franca.train.train import build_optimizer
@@ -107,6 +109,29 @@ def _worker(rank: int, world_size: int, port: int, quick: bool, kind: str, phase
         dist.destroy_process_group()
 
 
+def _stop_flag_worker(rank: int, world_size: int, port: int, calls: int, out: str) -> None:
+    """Seconds per ``PreemptionHandler.should_stop`` with several ranks: one 1-element all-reduce (gloo)."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        stopper = PreemptionHandler(period=1)
+        stopper.should_stop(0)
+        start = time.perf_counter()
+        for iteration in range(calls):
+            stopper.should_stop(iteration)
+        Path(out, f"{rank}.json").write_text(json.dumps((time.perf_counter() - start) / calls))
+    finally:
+        dist.destroy_process_group()
+
+
+def _stop_flag_seconds(calls: int) -> float:
+    with tempfile.TemporaryDirectory() as out:
+        args = (WORLD_SIZE, _free_port(), calls, out)
+        mp.start_processes(_stop_flag_worker, args=args, nprocs=WORLD_SIZE, start_method="spawn")
+        return max(json.loads(Path(out, f"{rank}.json").read_text()) for rank in range(WORLD_SIZE))
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -158,6 +183,8 @@ def run(quick: bool = False) -> list[dict]:
                     **common,
                 }
             )
+    seconds = _stop_flag_seconds(200 if quick else 2000)
+    rows.append({"workload": "stop-flag agreement (should_stop), 2 gloo ranks, per iteration", "seconds": seconds})
     return rows
 
 
