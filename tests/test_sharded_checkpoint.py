@@ -137,6 +137,8 @@ def test_unreadable_newest_falls_back_in_one_line(tmp_path, caplog):
     assert "model_0000007.dcp" in warnings[0] and "falling back to" in warnings[0]
     assert "model_0000005.dcp (FileNotFoundError: incomplete sharded checkpoint" in warnings[1]
     assert [it for it, _ in list_checkpoints(tmp_path)] == [3, 5, 7]  # nothing deleted by a resume
+    ShardedCheckpointer(tmp_path, loaded_model, loaded_optimizer, max_to_keep=3).save(5)  # replaces the broken one
+    assert ShardedCheckpointer(tmp_path, model, optimizer).load(tmp_path / "model_0000005.dcp")["iteration"] == 5
 
 
 def test_convert_to_release_file(tmp_path, monkeypatch, capsys):

@@ -157,6 +157,7 @@ class ShardedCheckpointer:
         if not distributed.is_main_process():
             return
         atomic_save(meta, tmp / EXTRA_FILE)
+        remove_checkpoint(final)  # one of the same iteration that resume could not read (a rename cannot replace it)
         os.replace(tmp, final)
         fsync_dir(final.parent)
         prune_checkpoints(self.save_dir, self.max_to_keep)
