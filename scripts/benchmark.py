@@ -42,6 +42,7 @@ WORKLOADS = {
     "eval": "feature extraction and k-NN",
     "export": "ONNX Runtime vs PyTorch eager latency",
     "interop": "transformers / timm output gap vs ours at non-native image sizes",
+    "checkpoint": "training checkpoint save/load, full-state file vs DCP, 2 gloo ranks",
 }
 DEFAULT_WORKLOADS = ["augment", "backbone", "heads", "step", "rasa"]
 # workload name → module of benchmarks/ (modules are not named after the packages they measure)

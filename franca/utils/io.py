@@ -7,6 +7,7 @@ Each write goes to a hidden temporary name in the destination folder, is flushed
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -64,10 +65,12 @@ SAFETENSORS_SUFFIX = ".safetensors"
 
 def load_tensor_file(path: str | os.PathLike) -> Any:
     """The contents of a saved-tensors file on the CPU: a ``*.safetensors`` file's tensors (a flat dict), else
-    ``torch.load(path, weights_only=True)``. An unreadable safetensors file is a ``ValueError`` naming it."""
+    ``torch.load(path, weights_only=True)`` (memory-mapped for torch's zip format). An unreadable safetensors file
+    is a ``ValueError`` naming it."""
     path = Path(path)
     if path.suffix != SAFETENSORS_SUFFIX:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # memory-mapped (files in torch's zip format): the ranks of a node reading one file share its pages
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
