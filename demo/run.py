@@ -9,7 +9,9 @@ Steps (each reusing what an earlier run of the same ``--output-dir`` already fin
 4. the Matryoshka truncation table (k-NN with the first m features, m = d … d/16);
 5. a few RASA iterations on the teacher (patch-position probe R² before / after) and the folded checkpoint;
 6. a PCA picture of the teacher's patch features;
-7. a closing summary, also written as ``OUT/summary.json``.
+7. dense evaluations on the shapes' masks (``demo/dense.py``): in-context mIoU of the random init, the
+   teacher and the RASA-folded teacher, and linear-segmentation mIoU of the teacher;
+8. a closing summary, also written as ``OUT/summary.json``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from demo.dense import run_dense_evals
 from franca.configs import CONFIG_DIR
 from franca.data.datasets.demo import write_demo_dataset
 from franca.eval.knn import eval_knn
@@ -178,6 +181,8 @@ def run_demo(
     rasa = _run_rasa(cfg, checkpoint, data_root, out, rasa_iterations)
     pca_dir = out / "pca"
     visualize_pca(teacher, _pca_images(data_root), pca_dir, image_size=4 * size)
+    rasa_teacher = build_model_for_eval(cfg, rasa["rasa_folded_checkpoint"], torch.device("cpu"))
+    dense = run_dense_evals(random_model, teacher, rasa_teacher, data_root, size, out)
 
     summary = {
         "knn_top1_random_init": knn_random,
@@ -185,6 +190,7 @@ def run_demo(
         "knn_k": KNN_K,
         "matryoshka_knn": {dim: per_k[str(KNN_K)]["top-1"] for dim, per_k in matryoshka.items()},
         **rasa,
+        **dense,
         "train_seconds": round(train_seconds, 1),
         "teacher_checkpoint": str(checkpoint),
         "training_metrics": str(train_dir / "training_metrics.json"),
@@ -213,6 +219,11 @@ def _print_summary(summary: dict[str, object], matryoshka: dict) -> None:
         "",
         f"RASA: patch-position probe R^2 {summary['rasa_position_r2_before']:.3f} -> "
         f"{summary['rasa_position_r2_after']:.3f} after {summary['rasa_iterations']} iterations",
+        "",
+        "in-context (HummingBird) mIoU on the shapes' masks: random init "
+        f"{summary['hummingbird_miou_random_init']:.1f} %  ->  trained {summary['hummingbird_miou_trained']:.1f} %"
+        f"  ->  with RASA {summary['hummingbird_miou_rasa']:.1f} %",
+        f"linear segmentation mIoU of the trained teacher: {summary['linear_seg_miou_trained']:.1f} %",
         "",
         "artefacts:",
         *(

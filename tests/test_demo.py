@@ -17,7 +17,12 @@ SUMMARY_KEYS = {
     "rasa_position_r2_before",
     "rasa_position_r2_after",
     "train_seconds",
+    "hummingbird_miou_random_init",
+    "hummingbird_miou_trained",
+    "hummingbird_miou_rasa",
+    "linear_seg_miou_trained",
 }
+DENSE_KEYS = sorted(key for key in SUMMARY_KEYS if "miou" in key)
 TINY_RUN = [
     "optim.epochs=1",
     "train.OFFICIAL_EPOCH_LENGTH=4",
@@ -46,6 +51,7 @@ def test_reduced_demo_writes_every_artefact_and_is_idempotent(tmp_path: Path) ->
     assert all(0.0 <= v <= 100.0 for v in summary["matryoshka_knn"].values())
     assert 0.0 <= summary["knn_top1_random_init"] <= 100.0 and 0.0 <= summary["knn_top1_trained"] <= 100.0
     assert summary["rasa_position_r2_after"] < summary["rasa_position_r2_before"]
+    assert all(0.0 < summary[key] <= 100.0 for key in DENSE_KEYS)
     trained_seconds = summary["train_seconds"]
     assert trained_seconds > 0
 
@@ -53,6 +59,7 @@ def test_reduced_demo_writes_every_artefact_and_is_idempotent(tmp_path: Path) ->
     assert again["teacher_checkpoint"] == summary["teacher_checkpoint"]
     assert again["knn_top1_trained"] == summary["knn_top1_trained"]
     assert again["rasa_position_r2_after"] == summary["rasa_position_r2_after"]
+    assert [again[key] for key in DENSE_KEYS] == [summary[key] for key in DENSE_KEYS]
 
 
 @pytest.mark.slow

@@ -12,7 +12,6 @@ val = both resized to (S, S). The linear segmentation eval adds a shared horizon
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -60,13 +59,13 @@ class PairedResize:
 
 
 class PairedRandomHorizontalFlip:
-    """Mirror image and mask together with probability ``p``."""
+    """Mirror image and mask together with probability ``p`` (drawn from torch's generator, like the crops)."""
 
     def __init__(self, p: float = 0.5) -> None:
         self.p = p
 
     def __call__(self, image: Image.Image, mask: Image.Image) -> tuple[Image.Image, Image.Image]:
-        if random.random() < self.p:
+        if torch.rand(1).item() < self.p:
             return TF.hflip(image), TF.hflip(mask)
         return image, mask
 
