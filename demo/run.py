@@ -253,10 +253,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--train-per-class", type=int, default=500, help="demo training images per class")
     parser.add_argument("--val-per-class", type=int, default=50, help="demo held-out images per class")
+    parser.add_argument(
+        "--compare", action="store_true", help="train a DINOv2 baseline and Franca with equal budget and compare them"
+    )
     parser.add_argument("opts", nargs="*", help="training config overrides key=value (e.g. optim.epochs=5)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
+        if args.compare:
+            from demo.compare import run_compare  # demo.compare builds on this module
+
+            run_compare(Path(args.output_dir).resolve(), args.opts, args.train_per_class, args.val_per_class)
+            return 0
         run_demo(
             Path(args.output_dir).resolve(),
             args.opts,
