@@ -13,6 +13,12 @@ with T = 0.02, the (C, h, w) label map is upsampled bilinearly to S×S and its a
 mask (255 ignored): confusion matrix → mIoU. Matryoshka truncation (``dims``) keeps the first m
 coordinates of keys and queries and renormalises them; one memory serves every m.
 
+Differences from open-hummingbird-eval: images are normalised with the ImageNet std (0.229, 0.224, 0.225)
+(its transforms have 0.255 for blue); mIoU is read off the confusion matrix directly (its ``PredsmIoU`` first
+matches predicted to true classes with the Hungarian algorithm, which is the identity for predictions made
+in label space); the default 512-px crops and 10 240 000-patch memory are the published HummingBird setting
+(the library's function defaults are 224 px and an unbounded memory).
+
 Ranks: each rank encodes its strided share of the train images, the shares are all-gathered into one
 memory on every rank, each rank queries its share of the val images and the confusion matrices are summed.
 
