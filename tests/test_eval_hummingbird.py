@@ -60,3 +60,13 @@ def test_memory_smaller_than_one_patch_per_image_is_an_error(colour_patches) -> 
     train, val = colour_patches
     with pytest.raises(ValueError, match="below one patch per image"):
         eval_hummingbird(PixelProjection(), train, val, num_classes=4, memory_size=5)
+
+
+def test_faiss_and_torch_searches_agree(colour_patches) -> None:
+    pytest.importorskip("faiss")
+    train, val = colour_patches
+    results = [
+        eval_hummingbird(PixelProjection(), train, val, num_classes=4, memory_size=None, backend=backend)
+        for backend in ("faiss", "torch")
+    ]
+    assert results[0]["16"]["mIoU"] == pytest.approx(results[1]["16"]["mIoU"], abs=1e-6)
