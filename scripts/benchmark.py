@@ -41,6 +41,7 @@ WORKLOADS = {
     "train_loop": "the trainer on the demo images (data loading included)",
     "eval": "feature extraction and k-NN",
     "export": "ONNX Runtime vs PyTorch eager latency",
+    "checkpoint": "training checkpoint save/load, full-state file vs DCP, 2 gloo ranks",
 }
 DEFAULT_WORKLOADS = ["augment", "backbone", "heads", "step", "rasa"]
 # workload name → module of benchmarks/ (modules are not named after the packages they measure)
