@@ -1,0 +1,521 @@
+"""What one training iteration dispatches: ATen operators, bytes written by element-wise operators, host syncs.
+
+One iteration as ``train.py`` runs it after the data arrive — ``forward_backward`` (teacher targets,
+student multi-crop pass, losses, backward), gradient clipping, the AdamW step and the teacher EMA — at
+the shapes of ``configs/train/IN21K/vitb14.yaml`` / ``vitl14.yaml`` (batch 32, 131 072 prototypes,
+2×224 + 8×98 crops), on *fake* CUDA tensors (``FakeTensorMode``: shapes, dtypes and devices without
+memory or arithmetic), so the device-side code paths (fused AdamW, foreach) are the ones taken. fp32,
+no grad scaler on both sides (casts are not counted). The second of two iterations is counted (the
+first creates the optimizer state).
+
+Counted per region — ``backbone``, ``heads``, ``sinkhorn_knopp``, ``losses``, ``glue`` (the step's own
+gathers, splits and sums), ``clip``, ``optimizer``, ``ema``, and ``logging`` (the loss reduction after
+the EMA, outside the iteration) — forward and backward together (a backward node belongs to the region
+whose forward created it):
+
+* ``ops``: ATen operators dispatched (each one kernel launch on a GPU, or more); views and the
+  device queries of the fake mode are not counted;
+* ``elementwise_ops`` / ``elementwise_mb``: the operators that are not products (mm, addmm, bmm, mv,
+  attention, …) and not views, and the MiB they write (outputs plus tensors mutated in place): the
+  memory-bound passes (element-wise maps, reductions, copies, softmax, foreach, optimizer);
+* ``host_syncs``: ``aten._local_scalar_dense`` (``.item()``, ``bool()``, ``float()``), ``nonzero``,
+  boolean-mask indexing — every place the host waits for the device.
+
+Attention is one operator forward and one backward on both sides (the xFormers call of the official
+code; ours: one call per run of equal-length crops, as our SDPA path does). The official step runs
+through the CPU shims of :mod:`benchmarks.reference_shims` in its own process (both packages are
+called ``franca``): without FSDP its teacher EMA over FSDP flat parameters becomes a foreach over all
+parameters (the same two operators) and FSDP1's ``clip_grad_norm_`` per-tensor norms and scalings are
+``torch.nn.utils.clip_grad_norm_(..., foreach=False)``.
+
+    python scripts/benchmark.py --count-ops [--compare-reference DIR] [--quick]
+    python -m benchmarks.dispatch [--quick] [--reference DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+HERE = Path(__file__).resolve().parent
+REPO_ROOT = HERE.parent
+TEACHER_TEMP, MOMENTUM, CLIP_GRAD = 0.07, 0.994, 3.0
+REGIONS = ("backbone", "heads", "sinkhorn_knopp", "losses", "glue", "clip", "optimizer", "ema", "logging")
+IN_ITERATION = REGIONS[:-1]
+# (label, config, overrides) of the full and the --quick settings
+SETTINGS = {
+    False: [("vitb14_b32", "train/IN21K/vitb14", 32, []), ("vitl14_b32", "train/IN21K/vitl14", 32, [])],
+    True: [
+        (
+            "vitb14_b2_k8192",
+            "train/IN21K/vitb14",
+            2,
+            ["dino.head_n_prototypes=8192", "ibot.head_n_prototypes=8192"],
+        )
+    ],
+}
+COMMON_OVERRIDES = [
+    "compute_precision.grad_scaler=false",
+    *(
+        f"compute_precision.{net}.{part}.mixed_precision.param_dtype=fp32"
+        for net in ("student", "teacher")
+        for part in ("backbone", "dino_head", "ibot_head")
+    ),
+]
+
+_PRODUCTS = {
+    "mm",
+    "addmm",
+    "bmm",
+    "baddbmm",
+    "mv",
+    "addmv",
+    "dot",
+    "matmul",
+    "convolution",
+    "convolution_backward",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_flash_attention_backward",
+    "_scaled_dot_product_efficient_attention_backward",
+}
+_SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "item"}
+
+
+def _is_view(func) -> bool:
+    """All returns alias an input without writing it (view, reshape-as-view, split, unbind, …)."""
+    returns = func._schema.returns
+    return bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def _written_bytes(func, args, kwargs, out) -> int:
+    """Bytes of fresh outputs plus bytes of arguments the schema marks as written (in-place, out=)."""
+    written = 0
+    schema_args = func._schema.arguments
+    for index, argument in enumerate(schema_args):
+        if argument.alias_info is None or not argument.alias_info.is_write:
+            continue
+        value = args[index] if index < len(args) else kwargs.get(argument.name)
+        written += _bytes(tree_flatten(value)[0])
+    fresh = [r for r in func._schema.returns if r.alias_info is None]
+    if fresh:
+        written += _bytes(tree_flatten(out)[0])
+    return written
+
+
+class DispatchCounter(TorchDispatchMode):
+    """Counts ATen operators, element-wise bytes and host syncs, per region (see the module docstring).
+
+    The region is the innermost of :meth:`region` in forward; in backward, the region recorded on the
+    autograd node being run (:func:`tag_graph`), else the last one seen.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = ["glue"]
+        self.counts: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self.names: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self.suspended = 0
+        self._backward_region = "glue"
+        # ids of tensors that live on the host in a GPU run too (optimizer step counters): reading them is no sync
+        self.host_tensors: set[int] = set()
+
+    @contextmanager
+    def region(self, name: str) -> Iterator[None]:
+        self.stack.append(name)
+        try:
+            yield
+        finally:
+            self.stack.pop()
+
+    @contextmanager
+    def suspend(self) -> Iterator[None]:
+        self.suspended += 1
+        try:
+            yield
+        finally:
+            self.suspended -= 1
+
+    def current_region(self) -> str:
+        node = torch._C._current_autograd_node()
+        if node is None:
+            return self.stack[-1]
+        self._backward_region = node.metadata.get("region", self._backward_region)
+        return self._backward_region
+
+    def count(self, name: str, elementwise_bytes: int = 0, elementwise: bool = False) -> None:
+        region = self.current_region()
+        self.names[region][name] += 1
+        row = self.counts[region]
+        row["ops"] += 1
+        if elementwise:
+            row["elementwise_ops"] += 1
+            row["elementwise_mb"] += elementwise_bytes / 2**20
+        if name in _SYNC_OPS:
+            row["host_syncs"] += 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default and isinstance(args[0], FakeTensor):
+            if not self.suspended and id(args[0]) not in self.host_tensors:
+                self.count("_local_scalar_dense")
+            # a fake tensor holds no value: the host would wait for one here: False, or 1 (a valid count and step)
+            return False if args[0].dtype == torch.bool else 1
+        if func.namespace in ("prim", "profiler"):
+            return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if self.suspended or _is_view(func):
+            return out
+        name = func._schema.name.split("::")[-1]
+        if name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]):
+            name = "nonzero"  # boolean-mask indexing waits for the mask's count
+        product = name in _PRODUCTS
+        self.count(name, 0 if product else _written_bytes(func, args, kwargs, out), elementwise=not product)
+        return out
+
+    def table(self) -> dict[str, dict[str, float]]:
+        rows = {region: dict(self.counts.get(region, {})) for region in REGIONS}
+        for row in rows.values():
+            for key in ("ops", "elementwise_ops", "elementwise_mb", "host_syncs"):
+                row.setdefault(key, 0)
+        return rows
+
+
+def tag_graph(outputs, region: str) -> None:
+    """Record ``region`` on every autograd node reachable from ``outputs`` that has none yet."""
+    stack = [t.grad_fn for t in tree_flatten(outputs)[0] if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or "region" in node.metadata:
+            continue
+        node.metadata["region"] = region
+        stack.extend(child for child, _ in node.next_functions)
+
+
+def wrap_region(counter: DispatchCounter, obj, method: str, region: str) -> None:
+    """Run ``obj.<method>`` inside ``region`` and tag the autograd graph of its outputs with it."""
+    original = getattr(obj, method)
+
+    def wrapped(*args, **kwargs):
+        with counter.region(region):
+            out = original(*args, **kwargs)
+            tag_graph(out, region)
+        return out
+
+    setattr(obj, method, wrapped)
+
+
+class _OneOp(torch.autograd.Function):
+    """An opaque operator: ``fn(*inputs)`` counted as one operator forward and one backward."""
+
+    @staticmethod
+    def forward(ctx, counter: DispatchCounter, name: str, fn: Callable, kwargs: dict, *inputs):
+        ctx.counter, ctx.name, ctx.shapes = counter, name, [(t.shape, t.dtype, t.device) for t in inputs]
+        with counter.suspend(), torch.no_grad():
+            out = fn(*inputs, **kwargs)
+        counter.count(name)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        with ctx.counter.suspend():
+            grads = [torch.empty(s, dtype=d, device=dev) for s, d, dev in ctx.shapes]
+        ctx.counter.count(ctx.name + "_backward")
+        return None, None, None, None, *grads
+
+
+def one_op(counter: DispatchCounter, name: str, fn: Callable) -> Callable:
+    """``fn(q, k, v, **kwargs)`` as one counted operator (attention: an xFormers / flash kernel)."""
+
+    def call(*inputs, **kwargs):
+        return _OneOp.apply(counter, name, fn, kwargs, *inputs)
+
+    return call
+
+
+# ---------------------------------------------------------------------------------------------- a side
+
+
+def fake_batch(cfg, batch_size: int) -> dict:
+    """A collated batch of ``batch_size`` images (real CyclicMask masks, random crops) on the CPU."""
+    from franca.data import collate, masking
+
+    global_size, local_size = cfg.crops.global_crops_size, cfg.crops.local_crops_size
+    n_side = global_size // cfg.student.patch_size
+    samples = [
+        (
+            {
+                "global_crops": [torch.zeros(3, global_size, global_size) for _ in range(2)],
+                "local_crops": [torch.zeros(3, local_size, local_size) for _ in range(cfg.crops.local_crops_number)],
+            },
+            None,
+        )
+        for _ in range(batch_size)
+    ]
+    generator = masking.MaskingGenerator(
+        input_size=(n_side, n_side),
+        max_num_patches=0.5 * n_side * n_side,
+        use_block_masking=True,
+        use_inverse_block=True,
+        roll=True,
+    )
+    torch.manual_seed(0)
+    return collate.collate_data_and_cast(
+        samples,
+        tuple(cfg.ibot.mask_ratio_min_max),
+        cfg.ibot.mask_sample_probability,
+        torch.float32,
+        n_side * n_side,
+        generator,
+    )
+
+
+def _install_regions(counter: DispatchCounter, model) -> None:
+    for net in (model.student, model.teacher):
+        for method in ("forward", "forward_features"):
+            wrap_region(counter, net.backbone, method, "backbone")
+        for key in ("dino_head", "ibot_head"):
+            if key in net:
+                wrap_region(counter, net[key], "forward", "heads")
+    for loss in ("dino_loss", "ibot_patch_loss"):
+        wrap_region(counter, getattr(model, loss), "sinkhorn_knopp_teacher", "sinkhorn_knopp")
+    for loss in ("dino_loss", "ibot_patch_loss", "koleo_loss"):
+        wrap_region(counter, getattr(model, loss), "forward", "losses")
+
+
+def _ours(counter: DispatchCounter, cfg, batch: dict) -> tuple[torch.optim.Optimizer, Callable[[], None]]:
+    import franca.layers.attention as attention
+    from franca.train import train
+    from franca.train.ssl_meta_arch import SSLMetaArch
+
+    attention.F = _FunctionalWithAttention(one_op(counter, "attention", attention.F.scaled_dot_product_attention))
+    model = SSLMetaArch(cfg).train()
+    optimizer = train.build_optimizer(cfg, model.get_params_groups())
+    train.apply_optim_scheduler(optimizer, 1e-4, 0.04, 1e-4)
+    _install_regions(counter, model)
+
+    def iteration() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        losses = model.forward_backward(batch, teacher_temp=TEACHER_TEMP)
+        with counter.region("clip"):
+            train.clip_gradients(model, CLIP_GRAD)
+        with counter.region("optimizer"):
+            optimizer.step()
+        with counter.region("ema"):
+            model.update_teacher(MOMENTUM)
+        with counter.region("logging"):
+            train.reduce_losses(losses)
+
+    return optimizer, iteration
+
+
+class _FunctionalWithAttention:
+    """``torch.nn.functional`` with ``scaled_dot_product_attention`` replaced (for one module's ``F``)."""
+
+    def __init__(self, attention: Callable) -> None:
+        self.scaled_dot_product_attention = attention
+
+    def __getattr__(self, name: str):
+        return getattr(torch.nn.functional, name)
+
+
+def _prepare_official(counter: DispatchCounter, root: Path) -> None:
+    """The CPU shims of the official code, with its xFormers attention counted as one operator."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_franca_reference_shims", HERE / "reference_shims.py")
+    shims = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shims)
+    for package in ("franca.data", "franca.train"):
+        shims.bare_package(package, root.joinpath(*package.split(".")))
+    shims.install_xformers_stand_in()
+    shims.run_cuda_calls_on_cpu()
+    xops = sys.modules["xformers.ops"]
+    xops.memory_efficient_attention = one_op(counter, "attention", xops.memory_efficient_attention)
+
+
+def _official(counter: DispatchCounter, cfg, batch: dict) -> tuple[torch.optim.Optimizer, Callable[[], None]]:
+    import warnings
+
+    from franca.train.ssl_meta_arch import SSLMetaArch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = SSLMetaArch(cfg)
+    model.need_to_synchronize_fsdp_streams = False
+    model.train()
+    groups = model.get_params_groups()
+    optimizer = torch.optim.AdamW(groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
+    for group in optimizer.param_groups:  # the official apply_optim_scheduler
+        group["weight_decay"] = 0.04 * group["wd_multiplier"]
+        group["lr"] = 1e-4 * group["lr_multiplier"]
+    _install_regions(counter, model)
+    student = [p for p in model.student.parameters()]
+    teacher = [p for p in model.teacher.parameters()]
+
+    def iteration() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            losses = model.forward_backward(batch, teacher_temp=TEACHER_TEMP)
+        with counter.region("glue"):  # official train.py: reduce the losses and test for NaN before the step
+            reduced = {k: v.item() for k, v in losses.items()}
+            if any(v != v for v in reduced.values()):
+                raise FloatingPointError("NaN loss")
+        with counter.region("clip"):
+            for part in model.student.values():
+                torch.nn.utils.clip_grad_norm_(part.parameters(), CLIP_GRAD, foreach=False)
+        with counter.region("optimizer"):
+            optimizer.step()
+        with counter.region("ema"), torch.no_grad():
+            torch._foreach_mul_(teacher, MOMENTUM)
+            torch._foreach_add_(teacher, student, alpha=1 - MOMENTUM)
+
+    return optimizer, iteration
+
+
+@contextmanager
+def _real_linspace() -> Iterator[None]:
+    """``torch.linspace`` computed for real while a model is built (its drop-path rates are read as floats)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    fake_linspace = torch.linspace
+
+    def linspace(*args, **kwargs):
+        with unset_fake_temporarily():
+            return fake_linspace(*args, **{**kwargs, "device": "cpu"})
+
+    torch.linspace = linspace
+    try:
+        yield
+    finally:
+        torch.linspace = fake_linspace
+
+
+def count_side(side: str, config: str, batch_size: int, overrides: list[str], root: Path | None = None) -> dict:
+    """Counts of one iteration of ``side`` (``ours`` / ``official``), in this process (see the module docstring)."""
+    from omegaconf import OmegaConf
+
+    overrides = COMMON_OVERRIDES + list(overrides)
+    if side == "official":
+        config_path = REPO_ROOT / "configs" / f"{config}.yaml"
+        default = OmegaConf.load(root / "franca" / "configs" / "ssl_default_config.yaml")
+        cfg = OmegaConf.merge(default, OmegaConf.load(config_path), OmegaConf.from_dotlist(overrides))
+    else:
+        from franca.utils.config import load_config_file
+
+        cfg = load_config_file(config, overrides)
+    counter = DispatchCounter()
+    if side == "official":
+        _prepare_official(counter, root)
+    batch = fake_batch(cfg, batch_size)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        with _real_linspace(), counter.suspend(), counter:
+            optimizer, iteration = (_official if side == "official" else _ours)(counter, cfg, batch)
+        with counter.suspend(), counter:
+            iteration()  # optimizer state, caches
+        counter.host_tensors = {  # non-fused, non-capturable AdamW keeps its step counters on the host
+            id(optimizer.state[p]["step"])
+            for group in optimizer.param_groups
+            if not (group.get("fused") or group.get("capturable"))
+            for p in group["params"]
+            if "step" in optimizer.state[p]
+        }
+        counter.counts.clear()
+        counter.names.clear()
+        with counter:
+            iteration()
+    rows = counter.table()
+    total = {
+        key: sum(rows[r][key] for r in IN_ITERATION)
+        for key in ("ops", "elementwise_ops", "elementwise_mb", "host_syncs")
+    }
+    outside_backbone = sum(rows[r]["elementwise_mb"] for r in IN_ITERATION if r != "backbone")
+    top = {region: sorted(names.items(), key=lambda kv: -kv[1])[:12] for region, names in counter.names.items()}
+    return {
+        "side": side,
+        "regions": rows,
+        "total": total,
+        "elementwise_mb_outside_backbone": outside_backbone,
+        "top_ops": top,
+    }
+
+
+def _official_in_subprocess(reference: Path, setting: tuple, quick: bool) -> dict:
+    label, config, batch_size, overrides = setting
+    env = dict(os.environ, PYTHONPATH=str(reference), CUDA_VISIBLE_DEVICES="")
+    command = [sys.executable, str(Path(__file__).resolve()), "--side", "official", "--reference", str(reference)]
+    command += ["--config", config, "--batch", str(batch_size), "--overrides", json.dumps(overrides)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=str(reference))
+    if result.returncode != 0:
+        raise RuntimeError(f"official count failed ({label}):\n" + "\n".join(result.stderr.splitlines()[-15:]))
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def rows_for(setting: tuple, reference: Path | None, quick: bool) -> list[dict]:
+    """One row per region and a total row, ours and (with ``reference``) official side by side."""
+    label, config, batch_size, overrides = setting
+    ours = count_side("ours", config, batch_size, overrides)
+    official = _official_in_subprocess(reference, setting, quick) if reference else None
+    rows = []
+    for region in (*REGIONS, "total"):
+        mine = ours["total"] if region == "total" else ours["regions"][region]
+        row = {"workload": f"dispatch_{label}", "region": region, **{k: mine[k] for k in sorted(mine)}}
+        if official is not None:
+            theirs = official["total"] if region == "total" else official["regions"][region]
+            row.update({f"official_{k}": theirs[k] for k in sorted(theirs)})
+        rows.append(row)
+    summary = {
+        "workload": f"dispatch_{label}",
+        "region": "elementwise outside backbone",
+        "elementwise_mb": ours["elementwise_mb_outside_backbone"],
+    }
+    if official is not None:
+        summary["official_elementwise_mb"] = official["elementwise_mb_outside_backbone"]
+    rows.append(summary)
+    return rows
+
+
+def run(quick: bool = False, reference: str | os.PathLike | None = None) -> list[dict]:
+    """Rows of every setting (``quick``: ViT-B/14 at batch 2 with 8 192 prototypes)."""
+    ref = Path(reference) if reference else None
+    return [row for setting in SETTINGS[quick] for row in rows_for(setting, ref, quick)]
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--reference", help="checkout of the official valeoai/Franca code")
+    parser.add_argument("--side", choices=("ours", "official"), help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--overrides", default="[]", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        root = Path(args.reference) if args.reference else None
+        print(json.dumps(count_side(args.side, args.config, args.batch, json.loads(args.overrides), root)))
+        return
+    for row in run(quick=args.quick, reference=args.reference):
+        print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    if Path(sys.path[0] or ".").resolve() == HERE:
+        sys.path.pop(0)
+    _main()
