@@ -398,17 +398,32 @@ class SSLMetaArch(nn.Module):
             group["foreach"] = True
         return fused
 
+    def compile_step(self) -> None:
+        """``torch.compile`` the step's parts in place (names, checkpoints and FSDP units unchanged): every
+        transformer block of both backbones, the heads, the loss forwards (DINO, iBOT, KoLeo) and the
+        Sinkhorn-Knopp targets, so that the element-wise passes around the products fuse into few kernels.
+        Blocks and heads see fixed shapes (``upperbound``-row iBOT buffers); the losses, whose masked-patch
+        count varies, are compiled for dynamic shapes after their first recompilation."""
+        for net in (self.student, self.teacher):
+            net.backbone.compile_blocks()
+            for key in ("dino_head", "ibot_head"):
+                if key in net:
+                    net[key].compile(dynamic=False)
+        for loss in (self.dino_loss, self.ibot_patch_loss, self.koleo_loss):
+            loss.compile()
+        for loss in (self.dino_loss, self.ibot_patch_loss):
+            loss.sinkhorn_knopp_teacher = torch.compile(loss.sinkhorn_knopp_teacher)
+
     def prepare_for_distributed_training(self) -> None:
-        """Copy the student into the teacher, compile the blocks (``train.compile``), then shard both when a
-        process group with several ranks exists.
+        """Copy the student into the teacher, compile (``train.compile``: see :meth:`compile_step`), then shard
+        both when a process group with several ranks exists.
 
         In one process this only re-synchronises the teacher. With several ranks the sharding
         is done by ``franca.fsdp.shard_ssl_meta_arch(self)``.
         """
         self.teacher.load_state_dict(self.student.state_dict())
         if self.cfg.train.compile:
-            self.student.backbone.compile_blocks()
-            self.teacher.backbone.compile_blocks()
+            self.compile_step()
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
         from franca import fsdp
