@@ -22,7 +22,9 @@ whose forward created it):
   boolean-mask indexing — every place the host waits for the device.
 
 Attention is one operator forward and one backward on both sides (the xFormers call of the official
-code; ours: one call per run of equal-length crops, as our SDPA path does). The official step runs
+code; ours: one call per run of equal-length crops, as our SDPA path does), and so is the official iBOT
+loss's ``xformers.ops.cross_entropy`` (element-wise: it writes its [rows] output, and the [rows, K] student
+gradient in backward). The official step runs
 through the CPU shims of :mod:`benchmarks.reference_shims` in its own process (both packages are
 called ``franca``): without FSDP its teacher EMA over FSDP flat parameters becomes a foreach over all
 parameters (the same two operators) and FSDP1's ``clip_grad_norm_`` per-tensor norms and scalings are
@@ -229,31 +231,41 @@ def wrap_region(counter: DispatchCounter, obj, method: str, region: str) -> None
 
 
 class _OneOp(torch.autograd.Function):
-    """An opaque operator: ``fn(*inputs)`` counted as one operator forward and one backward."""
+    """An opaque operator (an xFormers kernel): ``fn(*inputs)`` counted as one operator forward and one
+    backward; an element-wise one also counts the bytes it writes (its output; the input gradients)."""
 
     @staticmethod
-    def forward(ctx, counter: DispatchCounter, name: str, fn: Callable, kwargs: dict, *inputs):
-        ctx.counter, ctx.name, ctx.shapes = counter, name, [(t.shape, t.dtype, t.device) for t in inputs]
+    def forward(ctx, counter: DispatchCounter, name: str, fn: Callable, elementwise: bool, kwargs: dict, *inputs):
+        ctx.counter, ctx.name, ctx.elementwise = counter, name, elementwise
+        ctx.specs = [(t.shape, t.dtype, t.device) if isinstance(t, torch.Tensor) else None for t in inputs]
         with counter.suspend(), torch.no_grad():
             out = fn(*inputs, **kwargs)
-        counter.count(name)
+        counter.count(name, _bytes([out]), elementwise=elementwise)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         with ctx.counter.suspend():
-            grads = [torch.empty(s, dtype=d, device=dev) for s, d, dev in ctx.shapes]
-        ctx.counter.count(ctx.name + "_backward")
-        return None, None, None, None, *grads
+            grads = [
+                torch.empty(spec[0], dtype=spec[1], device=spec[2]) if spec and needs else None
+                for spec, needs in zip(ctx.specs, ctx.needs_input_grad[5:])
+            ]
+        ctx.counter.count(ctx.name + "_backward", _bytes(grads), elementwise=ctx.elementwise)
+        return None, None, None, None, None, *grads
 
 
-def one_op(counter: DispatchCounter, name: str, fn: Callable) -> Callable:
-    """``fn(q, k, v, **kwargs)`` as one counted operator (attention: an xFormers / flash kernel)."""
+def one_op(counter: DispatchCounter, name: str, fn: Callable, elementwise: bool = False) -> Callable:
+    """``fn(*inputs, **kwargs)`` as one counted operator (attention: a product; cross-entropy: element-wise)."""
 
     def call(*inputs, **kwargs):
-        return _OneOp.apply(counter, name, fn, kwargs, *inputs)
+        return _OneOp.apply(counter, name, fn, elementwise, kwargs, *inputs)
 
     return call
+
+
+def _soft_cross_entropy(student: torch.Tensor, teacher: torch.Tensor, temp: float, bw_inplace: bool = False):
+    """What ``xformers.ops.cross_entropy`` computes: ``-Σ_k t · log_softmax(s / temp)`` over the last axis."""
+    return -(teacher * torch.log_softmax(student / temp, dim=-1)).sum(-1)
 
 
 # ---------------------------------------------------------------------------------------------- a side
@@ -369,6 +381,8 @@ def _prepare_official(counter: DispatchCounter, root: Path) -> None:
     shims.run_cuda_calls_on_cpu()
     xops = sys.modules["xformers.ops"]
     xops.memory_efficient_attention = one_op(counter, "attention", xops.memory_efficient_attention)
+    # the official iBOT loss takes xFormers' fused soft cross-entropy when xFormers is installed (GPU runs)
+    xops.cross_entropy = one_op(counter, "cross_entropy", _soft_cross_entropy, elementwise=True)
 
 
 def _official(counter: DispatchCounter, cfg, batch: dict) -> tuple[torch.optim.Optimizer, Callable[[], None]]:
