@@ -91,7 +91,7 @@ class WeightNormLinear(nn.Module):
         the smaller tensor to write (forward and backward), so it is formed, as the reference's weight norm
         does; with fewer rows the (rows × K) output is scaled instead (see ``_WeightNormLinearFunction``)."""
         if x.numel() > x.shape[-1] * self.in_features:
-            return F.linear(x, self.weight)
+            return F.linear(x, torch._weight_norm(self.weight_v, self.weight_g, 0))  # the fused weight-norm kernel
         return _WeightNormLinearFunction.apply(x, self.weight_v, self.weight_g, _compute_dtype(x))
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
