@@ -41,6 +41,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -56,7 +57,7 @@ REPO_ROOT = HERE.parent
 TEACHER_TEMP, MOMENTUM, CLIP_GRAD = 0.07, 0.994, 3.0
 REGIONS = ("backbone", "heads", "sinkhorn_knopp", "losses", "glue", "clip", "optimizer", "ema", "logging")
 IN_ITERATION = REGIONS[:-1]
-# (label, config, overrides) of the full and the --quick settings
+# (label, config, batch, overrides) of the full and the --quick settings
 SETTINGS = {
     False: [("vitb14_b32", "train/IN21K/vitb14", 32, []), ("vitl14_b32", "train/IN21K/vitl14", 32, [])],
     True: [
@@ -271,40 +272,6 @@ def _soft_cross_entropy(student: torch.Tensor, teacher: torch.Tensor, temp: floa
 # ---------------------------------------------------------------------------------------------- a side
 
 
-def fake_batch(cfg, batch_size: int) -> dict:
-    """A collated batch of ``batch_size`` images (real CyclicMask masks, random crops) on the CPU."""
-    from franca.data import collate, masking
-
-    global_size, local_size = cfg.crops.global_crops_size, cfg.crops.local_crops_size
-    n_side = global_size // cfg.student.patch_size
-    samples = [
-        (
-            {
-                "global_crops": [torch.zeros(3, global_size, global_size) for _ in range(2)],
-                "local_crops": [torch.zeros(3, local_size, local_size) for _ in range(cfg.crops.local_crops_number)],
-            },
-            None,
-        )
-        for _ in range(batch_size)
-    ]
-    generator = masking.MaskingGenerator(
-        input_size=(n_side, n_side),
-        max_num_patches=0.5 * n_side * n_side,
-        use_block_masking=True,
-        use_inverse_block=True,
-        roll=True,
-    )
-    torch.manual_seed(0)
-    return collate.collate_data_and_cast(
-        samples,
-        tuple(cfg.ibot.mask_ratio_min_max),
-        cfg.ibot.mask_sample_probability,
-        torch.float32,
-        n_side * n_side,
-        generator,
-    )
-
-
 def _install_regions(counter: DispatchCounter, model) -> None:
     for net in (model.student, model.teacher):
         for method in ("forward", "forward_features"):
@@ -443,8 +410,13 @@ def _real_linspace() -> Iterator[None]:
         torch.linspace = fake_linspace
 
 
-def count_side(side: str, config: str, batch_size: int, overrides: list[str], root: Path | None = None) -> dict:
-    """Counts of one iteration of ``side`` (``ours`` / ``official``), in this process (see the module docstring)."""
+def count_side(
+    side: str, config: str, batch_size: int, overrides: list[str], root: Path | None = None, batch: dict | None = None
+) -> dict:
+    """Counts of one iteration of ``side`` (``ours`` / ``official``), in this process (see the module docstring).
+
+    ``batch``: the collated batch (default: ``franca.data.synthetic.random_collated_batch`` of our side).
+    """
     from omegaconf import OmegaConf
 
     overrides = COMMON_OVERRIDES + list(overrides)
@@ -463,7 +435,10 @@ def count_side(side: str, config: str, batch_size: int, overrides: list[str], ro
         importlib.import_module("franca.loss.sinkhorn_knopp")._level_indicator.cache_clear()
     if side == "official":
         _prepare_official(counter, root)
-    batch = fake_batch(cfg, batch_size)
+    if batch is None:
+        from franca.data.synthetic import random_collated_batch
+
+        batch = random_collated_batch(cfg, batch_size=batch_size)
     with FakeTensorMode(allow_non_fake_inputs=True):
         with _real_linspace(), counter.suspend(), counter:
             optimizer, iteration = (_official if side == "official" else _ours)(counter, cfg, batch)
@@ -496,22 +471,31 @@ def count_side(side: str, config: str, batch_size: int, overrides: list[str], ro
     }
 
 
-def _official_in_subprocess(reference: Path, setting: tuple, quick: bool) -> dict:
+def _official_in_subprocess(reference: Path, setting: tuple, batch: dict) -> dict:
+    """The official side's counts, in a process that imports the official ``franca``, on the same ``batch``."""
     label, config, batch_size, overrides = setting
     env = dict(os.environ, PYTHONPATH=str(reference), CUDA_VISIBLE_DEVICES="")
-    command = [sys.executable, str(Path(__file__).resolve()), "--side", "official", "--reference", str(reference)]
-    command += ["--config", config, "--batch", str(batch_size), "--overrides", json.dumps(overrides)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=str(reference))
+    with tempfile.TemporaryDirectory(prefix="franca_dispatch_") as tmp:
+        batch_file = Path(tmp) / "batch.pt"
+        torch.save(batch, batch_file)
+        command = [sys.executable, str(Path(__file__).resolve()), "--side", "official", "--reference", str(reference)]
+        command += ["--config", config, "--batch", str(batch_size), "--overrides", json.dumps(overrides)]
+        command += ["--batch-file", str(batch_file)]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=str(reference))
     if result.returncode != 0:
         raise RuntimeError(f"official count failed ({label}):\n" + "\n".join(result.stderr.splitlines()[-15:]))
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def rows_for(setting: tuple, reference: Path | None, quick: bool) -> list[dict]:
+def rows_for(setting: tuple, reference: Path | None) -> list[dict]:
     """One row per region and a total row, ours and (with ``reference``) official side by side."""
     label, config, batch_size, overrides = setting
-    ours = count_side("ours", config, batch_size, overrides)
-    official = _official_in_subprocess(reference, setting, quick) if reference else None
+    from franca.data.synthetic import random_collated_batch
+    from franca.utils.config import load_config_file
+
+    batch = random_collated_batch(load_config_file(config, COMMON_OVERRIDES + list(overrides)), batch_size=batch_size)
+    ours = count_side("ours", config, batch_size, overrides, batch=batch)
+    official = _official_in_subprocess(reference, setting, batch) if reference else None
     rows = []
     for region in (*REGIONS, "total"):
         mine = ours["total"] if region == "total" else ours["regions"][region]
@@ -534,7 +518,7 @@ def rows_for(setting: tuple, reference: Path | None, quick: bool) -> list[dict]:
 def run(quick: bool = False, reference: str | os.PathLike | None = None) -> list[dict]:
     """Rows of every setting (``quick``: ViT-B/14 at batch 2 with 8 192 prototypes)."""
     ref = Path(reference) if reference else None
-    return [row for setting in SETTINGS[quick] for row in rows_for(setting, ref, quick)]
+    return [row for setting in SETTINGS[quick] for row in rows_for(setting, ref)]
 
 
 def _ratio(ours: float, official: float | None) -> str:
@@ -579,10 +563,12 @@ def _main() -> None:
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--overrides", default="[]", help=argparse.SUPPRESS)
+    parser.add_argument("--batch-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
         root = Path(args.reference) if args.reference else None
-        print(json.dumps(count_side(args.side, args.config, args.batch, json.loads(args.overrides), root)))
+        batch = torch.load(args.batch_file, weights_only=True) if args.batch_file else None
+        print(json.dumps(count_side(args.side, args.config, args.batch, json.loads(args.overrides), root, batch)))
         return
     print(format_table(run(quick=args.quick, reference=args.reference)))
 

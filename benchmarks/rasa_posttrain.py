@@ -43,7 +43,7 @@ def _row(workload: str, seconds: float, images: int, flops: float | None, **extr
 
 @torch.no_grad()
 def _encode(model: torch.nn.Module, images: torch.Tensor, batch: int) -> torch.Tensor:
-    return torch.cat([patch_tokens(model, part)[0] for part in images.split(batch)])
+    return torch.cat([patch_tokens(model, part) for part in images.split(batch)])
 
 
 def run(quick: bool = False) -> list[dict]:

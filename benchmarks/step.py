@@ -26,8 +26,7 @@ import torch
 
 from benchmarks.backbone import vit_forward_flops
 from benchmarks.common import median, peak_memory_mb, synchronize, time_fn
-from franca.data.collate import collate_data_and_cast
-from franca.data.masking import MaskingGenerator
+from franca.data.synthetic import random_collated_batch
 from franca.train.ssl_meta_arch import SSLMetaArch
 from franca.train.train import build_optimizer
 from franca.utils.config import load_config_file
@@ -70,31 +69,6 @@ def step_flops(model: SSLMetaArch, cfg, batch: dict) -> float:
     ibot_rows = 4 * patch_rows
     head_flops = 2 * (dino_rows * head_macs(cfg.dino) + ibot_rows * head_macs(cfg.ibot))
     return backbone_flops + head_flops
-
-
-def random_batch(cfg, batch_size: int) -> dict:
-    """Random crops of ``batch_size`` images collated as the trainer does (CyclicMask iBOT masks)."""
-    global_size, local_size = cfg.crops.global_crops_size, cfg.crops.local_crops_size
-    n_side = global_size // cfg.student.patch_size
-    samples = [
-        (
-            {
-                "global_crops": [torch.randn(3, global_size, global_size) for _ in range(2)],
-                "local_crops": [torch.randn(3, local_size, local_size) for _ in range(cfg.crops.local_crops_number)],
-            },
-            None,
-        )
-        for _ in range(batch_size)
-    ]
-    generator = MaskingGenerator((n_side, n_side), max_num_patches=0.5 * n_side * n_side)
-    return collate_data_and_cast(
-        samples,
-        tuple(cfg.ibot.mask_ratio_min_max),
-        cfg.ibot.mask_sample_probability,
-        torch.float32,
-        n_side * n_side,
-        generator,
-    )
 
 
 def _settings(device: str, quick: bool) -> list[tuple[str, str | None, int, list[str]]]:
@@ -142,7 +116,7 @@ def _measure(label: str, config: str | None, batch_size: int, overrides: list[st
     optimizer = build_optimizer(cfg, model.get_params_groups())
     for group in optimizer.param_groups:
         group.update(lr=1e-4, weight_decay=0.04)
-    batch = random_batch(cfg, batch_size)
+    batch = random_collated_batch(cfg, batch_size=batch_size)
     student_params = [p for p in model.student.parameters() if p.requires_grad]
 
     def iteration() -> None:

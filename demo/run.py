@@ -7,7 +7,8 @@ Steps (each reusing what an earlier run of the same ``--output-dir`` already fin
    (``python -m franca.train.train``: Matryoshka heads, Sinkhorn-Knopp, CyclicMask, iBOT, KoLeo);
 3. k-NN top-1 of a randomly initialised backbone vs the trained teacher on the held-out split;
 4. the Matryoshka truncation table (k-NN with the first m features, m = d … d/16);
-5. a few RASA iterations on the teacher (patch-position probe R² before / after) and the folded checkpoint;
+5. a few RASA iterations on the teacher through RASA's Python API (``rasa.train.run_rasa``; patch-position
+   probe R² before / after) and the folded checkpoint;
 6. a PCA picture of the teacher's patch features;
 7. a closing summary, also written as ``OUT/summary.json``.
 """
@@ -34,6 +35,7 @@ from franca.eval.setup import build_model_for_eval, make_eval_dataset
 from franca.eval.visualize_pca import visualize_pca
 from franca.models import build_model_from_cfg
 from franca.utils.config import load_config_file
+from rasa.train import load_rasa_config, run_rasa
 
 logger = logging.getLogger("demo")
 
@@ -83,7 +85,7 @@ def _knn_top1(model: torch.nn.Module, train_set, val_set) -> float:
 
 
 def _rasa_overrides(cfg: DictConfig, weights: Path, data_root: Path, out_dir: Path, iterations: int) -> list[str]:
-    """``rasa.train`` overrides describing the trained student architecture and the demo images."""
+    """RASA config overrides (``key=value``) describing the trained student architecture and the demo images."""
     student = cfg.student
     size = cfg.crops.global_crops_size
     return [
@@ -118,15 +120,15 @@ def _rasa_overrides(cfg: DictConfig, weights: Path, data_root: Path, out_dir: Pa
 
 
 def _run_rasa(cfg: DictConfig, weights: Path, data_root: Path, out: Path, iterations: int) -> dict[str, object]:
-    """Run ``python -m rasa.train`` (child process) unless its folded checkpoint exists; read the probe R²."""
+    """Run RASA post-training (``rasa.train.run_rasa``) unless its folded checkpoint exists; read the probe R²."""
     rasa_dir = out / "rasa"
     folded = rasa_dir / "folded_teacher_checkpoint.pth"
     if not folded.is_file():
         if (rasa_dir / "metrics.jsonl").exists():
             (rasa_dir / "metrics.jsonl").unlink()
-        command = [sys.executable, "-m", "rasa.train", *_rasa_overrides(cfg, weights, data_root, rasa_dir, iterations)]
-        logger.info("RASA: %s", " ".join(command))
-        subprocess.run(command, check=True)
+        overrides = _rasa_overrides(cfg, weights, data_root, rasa_dir, iterations)
+        logger.info("RASA: %s", " ".join(overrides))
+        run_rasa(load_rasa_config(None, overrides))
     records = [json.loads(line) for line in (rasa_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     r2 = [r["probe_r2"] for r in records if r.get("probe_r2") is not None]
     return {

@@ -17,7 +17,6 @@ also for masked and multi-crop inputs) and ``get_intermediate_layers(..., norm=T
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -30,6 +29,7 @@ from franca.layers.folded_norm import (
     is_folded_state_dict,
     prepare_for_folded_state_dict,
 )
+from franca.models import get_architecture
 from franca.utils.io import atomic_save
 
 __all__ = [
@@ -40,7 +40,6 @@ __all__ = [
     "is_folded_state_dict",
     "load_folded_backbone",
     "prepare_for_folded_state_dict",
-    "resolve_architecture",
     "save_folded_backbone",
 ]
 
@@ -55,22 +54,12 @@ def save_folded_backbone(backbone: nn.Module, path: str | os.PathLike) -> None:
     atomic_save(folded_teacher_state_dict(backbone), path)
 
 
-def resolve_architecture(arch: str) -> Callable[..., nn.Module]:
-    """The builder ``franca.models.vision_transformer.<arch>`` (a ``vit_*`` function or ``DinoVisionTransformer``)."""
-    from franca.models import vision_transformer
-
-    builder = getattr(vision_transformer, arch, None)
-    if not callable(builder):
-        raise ValueError(f"unknown architecture {arch!r}: not defined in franca.models.vision_transformer")
-    return builder
-
-
 def load_folded_backbone(path: str | os.PathLike, arch: str = "vit_base", **arch_kwargs) -> nn.Module:
     """Build ``franca.models.vision_transformer.<arch>(**arch_kwargs)`` and load a (folded or plain) checkpoint.
 
     The file is read by ``franca.hub.loading`` (``teacher``/``backbone.`` prefixes, chunked or flat blocks, strict).
     """
-    builder = resolve_architecture(arch)
+    builder = get_architecture(arch)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"backbone checkpoint not found: {path}")
     state_dict = backbone_state_dict(read_checkpoint(path))

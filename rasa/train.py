@@ -27,6 +27,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,9 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
+from franca.eval.features import extract_features
+from franca.models import get_architecture
+from franca.utils.config import ConfigError, merge_configs, parse_overrides
 from franca.utils.io import atomic_save
 from rasa.data import (
     ImageFiles,
@@ -42,7 +46,7 @@ from rasa.data import (
     build_val_dataset,
     make_rasa_train_transform,
 )
-from rasa.fold import fold, load_folded_backbone, resolve_architecture, save_folded_backbone
+from rasa.fold import fold, load_folded_backbone, save_folded_backbone
 from rasa.metrics import kmeans_miou, position_grid, position_probe_r2, rasa_val_metrics
 from rasa.src.rasa_head import RASAHead, load_rasa_head
 
@@ -62,15 +66,15 @@ _ARCH_KEYS = (
     "interpolate_antialias",
     "interpolate_offset",
 )
+# Keys whose default is a value but which also take null (all held-out batches; no read-out activation).
+_NULLABLE_KEYS = ("val.val_iters", "train.pos_out_act_layer")
 
 
 # ----------------------------------------------------------------------------- configuration
 def load_rasa_config(config_file: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> DictConfig:
-    """Default config ⊕ ``config_file`` ⊕ ``key=value`` overrides; an unknown key is one error naming the closest."""
-    from franca.utils.config import ConfigError, closest_key, parse_overrides
-
-    default = OmegaConf.load(DEFAULT_CONFIG)
-    tree = OmegaConf.to_container(default)
+    """Default config ⊕ ``config_file`` ⊕ ``key=value`` overrides through franca's one validated merge
+    (:func:`franca.utils.config.merge_configs`): an unknown key is one error naming the closest, a value must have the
+    default's type; ``backbone.kwargs`` takes any builder keyword."""
     layers = []
     if config_file is not None:
         if not os.path.isfile(config_file):
@@ -78,35 +82,12 @@ def load_rasa_config(config_file: str | os.PathLike | None = None, overrides: Se
         layers.append((OmegaConf.load(config_file), f"config file '{config_file}'"))
     if overrides:
         layers.append((parse_overrides(overrides), "the command-line overrides"))
-    OmegaConf.set_struct(default, True)
-    OmegaConf.set_struct(default.backbone.kwargs, False)
-    cfg = default
-    for layer, source in layers:
-        for key in _leaf_keys(OmegaConf.to_container(layer)):
-            if key.startswith("backbone.kwargs."):
-                continue
-            if OmegaConf.select(default, key, default="__missing__") == "__missing__":
-                hint = closest_key(key, tree)
-                raise ConfigError(
-                    f"unknown RASA config key '{key}' in {source}" + (f"; did you mean '{hint}'?" if hint else "")
-                )
-        cfg = OmegaConf.merge(cfg, layer)
+    cfg = merge_configs(OmegaConf.load(DEFAULT_CONFIG), layers, label="RASA config", nullable=_NULLABLE_KEYS)
     _check_config(cfg)
     return cfg
 
 
-def _leaf_keys(node: dict, prefix: str = "") -> Iterator[str]:
-    for key, value in node.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            yield from _leaf_keys(value, f"{path}.")
-        else:
-            yield path
-
-
 def _check_config(cfg: DictConfig) -> None:
-    from franca.utils.config import ConfigError
-
     if cfg.data.data_dir is None:
         raise ConfigError("data.data_dir is not set: give the root of the training images")
     if not 0 <= cfg.train.start_pos_layers < cfg.train.end_pos_layers:
@@ -128,31 +109,42 @@ def build_backbone(backbone_cfg: DictConfig) -> nn.Module:
         model = load_folded_backbone(backbone_cfg.weights, backbone_cfg.arch, **kwargs)
     else:
         logger.warning("backbone.weights is not set: RASA runs on a randomly initialised %s", backbone_cfg.arch)
-        model = resolve_architecture(backbone_cfg.arch)(**kwargs)
+        model = get_architecture(backbone_cfg.arch)(**kwargs)
     model.requires_grad_(False)
     return model.eval()
 
 
-@torch.no_grad()
-def patch_tokens(backbone: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-    """``x_norm_patchtokens`` (B, N, D) of ``images`` (B, 3, H, W) and the patch grid (H/p, W/p)."""
-    grid = (images.shape[-2] // backbone.patch_size, images.shape[-1] // backbone.patch_size)
-    return backbone.forward_features(images)["x_norm_patchtokens"].float(), grid
+def patch_tokens(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``x_norm_patchtokens`` (B, N, D) of ``images`` (B, 3, H, W): the backbone's ``forward_features``, in float32."""
+    return backbone.forward_features(images)["x_norm_patchtokens"].float()
 
 
-@torch.no_grad()
+class _Unlabelled(Dataset):
+    """``(image, 0)`` for each image of ``dataset``: the ``(image, label)`` items the feature extractor reads."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.dataset[index], 0
+
+
 def _encode_all(
     backbone: nn.Module, dataset: Dataset, batch_size: int, num_workers: int, device: torch.device, with_masks: bool
-) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int]]:
-    """Patch tokens (M, N, D) on CPU of every item of ``dataset`` (and its masks (M, H, W) when ``with_masks``)."""
-    tokens, masks, grid = [], [], (0, 0)
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
-        images = batch[0] if with_masks else batch
-        out, grid = patch_tokens(backbone, images.to(device))
-        tokens.append(out.cpu())
-        if with_masks:
-            masks.append(batch[1])
-    return torch.cat(tokens), (torch.cat(masks) if with_masks else None), grid
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Patch tokens (M, N, D) on CPU of every item of ``dataset`` (and its masks (M, H, W) when ``with_masks``).
+
+    Runs through franca's one feature extractor (:func:`franca.eval.features.extract_features`); a mask plays the
+    part of the label.
+    """
+    items = dataset if with_masks else _Unlabelled(dataset)
+    tokens, masks = extract_features(
+        partial(patch_tokens, backbone), items, batch_size, num_workers, device, gather_on_cpu=True
+    )
+    return tokens, (masks if with_masks else None)
 
 
 class _TokenPasses:
@@ -230,9 +222,8 @@ class _HeldOut:
         dataset, has_masks = build_val_dataset(
             cfg.data.voc_data_path, cfg.data.val_data_dir, cfg.data.size_crops_val, n_val
         )
-        self.tokens, self.masks, self.grid = _encode_all(
-            backbone, dataset, val.val_batch_size, cfg.num_workers, device, has_masks
-        )
+        self.grid = (cfg.data.size_crops_val // backbone.patch_size,) * 2
+        self.tokens, self.masks = _encode_all(backbone, dataset, val.val_batch_size, cfg.num_workers, device, has_masks)
         self.positions = position_grid(*self.grid).expand(len(self.tokens), -1, -1)
         self.pos_embed = self._patch_pos_embed(backbone, cfg.data.size_crops_val).cpu()
         self.segm_images = 0
@@ -374,18 +365,16 @@ def run_rasa(cfg: DictConfig) -> RASAHead:
         f.write(json.dumps(held_out.backbone_record()) + "\n")
 
     loader_gen = torch.Generator().manual_seed(cfg.seed)
-
-    def loader(shuffle: bool) -> DataLoader:
-        return DataLoader(
-            train_set, batch_size, shuffle=shuffle, drop_last=shuffle, num_workers=cfg.num_workers, generator=loader_gen
-        )
+    train_loader = DataLoader(
+        train_set, batch_size, shuffle=True, drop_last=True, num_workers=cfg.num_workers, generator=loader_gen
+    )
 
     cache = None
     if _use_cache(cfg, len(train_set), grid[0] * grid[1], backbone.embed_dim):
         passes = []
         for epoch in range(cfg.train.max_epochs):
             start = time.perf_counter()
-            passes.append(torch.cat([patch_tokens(backbone, images.to(device))[0].cpu() for images in loader(False)]))
+            passes.append(_encode_all(backbone, train_set, batch_size, cfg.num_workers, device, False)[0])
             logger.info(
                 "cached augmentation pass %d/%d (%.1fs)", epoch + 1, cfg.train.max_epochs, time.perf_counter() - start
             )
@@ -399,12 +388,12 @@ def run_rasa(cfg: DictConfig) -> RASAHead:
             for step in range(steps_per_epoch):
                 yield cache.passes[epoch][order[step * batch_size : (step + 1) * batch_size]]
             return
-        for images in loader(True):
+        for images in train_loader:
             yield _debiased_tokens(images.to(device))
 
     @torch.no_grad()
     def _debiased_tokens(images: torch.Tensor) -> torch.Tensor:
-        return head(patch_tokens(backbone, images)[0], use_pos_pred=False)
+        return head(patch_tokens(backbone, images), use_pos_pred=False)
 
     for it in range(cfg.train.start_pos_layers, cfg.train.end_pos_layers):
         if it > cfg.train.start_pos_layers:

@@ -13,22 +13,16 @@ from PIL import Image
 from torchvision import transforms as T
 
 from benchmarks.augment import make_reference_augmentation, synthetic_jpeg
-from franca.data.augmentations import (
-    DataAugmentationDINO,
-    _color_jitter,
-    _crop_box,
-    _gaussian_blur,
-    _shift_hue,
-    _Uniforms,
-)
+from franca.data.augmentations import DataAugmentationDINO, _color_jitter, _gaussian_blur, shift_hue
+from franca.data.multicrop import N_DRAWS, Uniforms, crop_box, draw_crops, split_draws
 from franca.data.transforms import normalize_uint8
 
 
-def _scripted(values: list[float]) -> _Uniforms:
-    """A uniform source that returns ``values`` in order."""
-    u = _Uniforms(block=1)
-    u.values = list(reversed(values))
-    return u
+def _scripted_jitter(factors: list[float], order: list[float]):
+    """One crop's draws with the jitter uniforms ``factors`` (brightness, contrast, saturation, hue) and ``order``."""
+    uniforms = torch.zeros(1, N_DRAWS, dtype=torch.float64)
+    uniforms[0, 2:10] = torch.tensor(factors + order, dtype=torch.float64)
+    return split_draws(draw_crops(uniforms, 0.0, 0.0))[0]
 
 
 def _photo(seed: int = 0, size=(120, 90)) -> Image.Image:
@@ -41,8 +35,7 @@ def test_output_contract_float_and_uint8():
     floats = DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 3, 56, 28)(image)
     torch.manual_seed(0)
     bytes_ = DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 3, 56, 28, uint8_crops=True)(image)
-    assert set(floats) == {"global_crops", "global_crops_teacher", "local_crops", "offsets"}
-    assert floats["global_crops_teacher"] is floats["global_crops"] and floats["offsets"] == ()
+    assert set(floats) == {"global_crops", "local_crops"}
     assert [c.shape for c in floats["global_crops"]] == [(3, 56, 56)] * 2
     assert [c.shape for c in floats["local_crops"]] == [(3, 28, 28)] * 3
     assert all(c.dtype == torch.uint8 for c in bytes_["global_crops"] + bytes_["local_crops"])
@@ -78,9 +71,9 @@ def test_reference_blur_wrapper_inverts_its_probability():
 
 def test_crop_scale_and_aspect_histograms_match_torchvision():
     height, width, scale, draws = 90, 120, (0.05, 0.32), 4000
-    u = _Uniforms(block=4096)
+    u = Uniforms(block=4096)
     torch.manual_seed(0)
-    ours = np.array([_crop_box(u, height, width, scale) for _ in range(draws)], dtype=float)
+    ours = np.array([crop_box(u, height, width, scale) for _ in range(draws)], dtype=float)
     image = torch.zeros(1, height, width)
     theirs = np.array([T.RandomResizedCrop.get_params(image, list(scale), [3 / 4, 4 / 3]) for _ in range(draws)], float)
     for boxes in (ours, theirs):
@@ -108,7 +101,7 @@ def test_hue_shift_matches_pil_hsv_round_trip():
     x = torch.from_numpy(pixels).permute(2, 0, 1).float()
     for factor in (-0.1, -0.03, 0.05, 0.1):
         expected = np.asarray(TF.adjust_hue(Image.fromarray(pixels), factor)).transpose(2, 0, 1).astype(float)
-        ours = _shift_hue(x.clone(), int(factor * 255)).numpy()
+        ours = shift_hue(x.clone(), int(factor * 255)).numpy()
         assert np.abs(ours - expected).mean() < 0.35  # PIL also rounds S and V to 8 bits
         assert np.abs(ours - expected).max() <= 8
 
@@ -128,7 +121,7 @@ def test_single_jitter_operation_matches_torchvision_on_pil(op, script, referenc
     """Factors set to 1 except one: ours (float, rounded once) equals PIL's 8-bit op within 1 level."""
     pixels = np.array(_photo(seed=2, size=(48, 40)))
     x = torch.from_numpy(pixels).permute(2, 0, 1).float()
-    ours = _color_jitter(x, _scripted(script + [0.1, 0.2, 0.3, 0.4])).add_(0.5).floor_().numpy()
+    ours = _color_jitter(x, _scripted_jitter(script, [0.1, 0.2, 0.3, 0.4])).add_(0.5).floor_().numpy()
     expected = np.asarray(reference(Image.fromarray(pixels))).transpose(2, 0, 1).astype(float)
     assert np.abs(ours - expected).max() <= 1, op
 

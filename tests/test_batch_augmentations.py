@@ -15,7 +15,7 @@ from test_augmentations import _crop_statistics
 from test_train_loop import LOSS_KEYS, _cfg, _model, _records, demo_root, tiny_arch  # noqa: F401  (fixtures)
 
 from benchmarks.augment import make_reference_augmentation, synthetic_jpeg
-from franca.data.augmentations import _gaussian_blur, _shift_hue
+from franca.data.augmentations import _gaussian_blur, shift_hue
 from franca.data.batch_augmentations import (
     BatchAugmentationDINO,
     EncodedImages,
@@ -26,6 +26,7 @@ from franca.data.batch_augmentations import (
 from franca.data.collate import collate_encoded
 from franca.data.loaders import make_dataset
 from franca.data.masking import MaskingGenerator
+from franca.data.multicrop import N_DRAWS, draw_crops
 from franca.train.train import build_data_loader, do_train
 
 
@@ -37,9 +38,9 @@ def test_batched_hue_shift_equals_per_crop():
     torch.manual_seed(0)
     x = torch.rand(5, 3, 7, 9) * 255
     steps = torch.tensor([-25, -3, 0, 7, 25])
-    batched = _shift_hue(x, steps.view(-1, 1, 1))
+    batched = shift_hue(x, steps.view(-1, 1, 1))
     for i in range(5):
-        torch.testing.assert_close(batched[i], _shift_hue(x[i], int(steps[i])), rtol=0, atol=0)
+        torch.testing.assert_close(batched[i], shift_hue(x[i], int(steps[i])), rtol=0, atol=0)
 
 
 def test_batched_blur_equals_per_crop_blur_and_sigma_zero_is_identity():
@@ -55,12 +56,12 @@ def test_batched_blur_equals_per_crop_blur_and_sigma_zero_is_identity():
 def test_jitter_off_is_identity_and_on_changes_colours():
     torch.manual_seed(0)
     x = torch.rand(4, 3, 6, 6) * 255
-    draws = torch.rand(4, 9)
-    draws[:, 0] = 0.9  # p(jitter) = 0.8: all off
-    torch.testing.assert_close(_jitter_batch(x.clone(), draws), x, rtol=0, atol=1e-3)
-    draws[:, 0] = 0.1
-    draws[:, 1:5] = torch.tensor([0.95, 0.05, 0.95, 0.95])  # strong brightness, low contrast, hue +
-    assert (_jitter_batch(x.clone(), draws) - x).abs().mean() > 5
+    draws = torch.rand(4, N_DRAWS)
+    draws[:, 1] = 0.9  # p(jitter) = 0.8: all off
+    torch.testing.assert_close(_jitter_batch(x.clone(), draw_crops(draws, 0.0, 0.0)), x, rtol=0, atol=1e-3)
+    draws[:, 1] = 0.1
+    draws[:, 2:6] = torch.tensor([0.95, 0.05, 0.95, 0.95])  # strong brightness, low contrast, hue +
+    assert (_jitter_batch(x.clone(), draw_crops(draws, 0.0, 0.0)) - x).abs().mean() > 5
 
 
 def test_decode_batch_matches_pil_and_substitutes_unreadable(caplog):

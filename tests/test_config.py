@@ -10,12 +10,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from franca.configs import available_configs, franca_default_config, load_and_merge_config, load_config
+from franca.configs import available_configs, franca_default_config, load_config
 from franca.train.schedules import CosineScheduler
 from franca.utils.config import (
     ConfigError,
     apply_scaling_rules_to_cfg,
     get_cfg_from_args,
+    load_and_merge_config,
     load_config_file,
     write_config,
 )
@@ -267,3 +268,24 @@ def test_cosine_scheduler_freeze_and_constant():
 def test_cosine_scheduler_rejects_bad_lengths():
     with pytest.raises(ValueError, match=r"warmup_iters \(8\) \+ freeze_iters \(3\) exceed total_iters \(10\)"):
         CosineScheduler(1.0, 0.0, total_iters=10, warmup_iters=8, freeze_iters=3)
+
+
+def test_merge_configs_validates_any_default_tree():
+    from franca.utils.config import merge_configs
+
+    default = OmegaConf.create({"a": {"lr": 0.1, "steps": 3}, "kwargs": {}, "opt": 5})
+    cfg = merge_configs(
+        default,
+        [
+            (OmegaConf.create({"a": {"lr": 1}, "kwargs": {"depth": 2}}), "layer one"),
+            (OmegaConf.create({"opt": None}), "two"),
+        ],
+        label="toy config",
+        nullable=("opt",),
+    )
+    assert cfg.a.lr == 1.0 and isinstance(cfg.a.lr, float) and cfg.a.steps == 3
+    assert cfg.kwargs.depth == 2 and cfg.opt is None
+    with pytest.raises(ConfigError, match="unknown toy config key 'a.stepz' in layer one; did you mean 'a.steps'"):
+        merge_configs(default, [(OmegaConf.create({"a": {"stepz": 1}}), "layer one")], label="toy config")
+    with pytest.raises(ConfigError, match="config key 'opt' in two must be int"):
+        merge_configs(default, [(OmegaConf.create({"opt": None}), "two")])

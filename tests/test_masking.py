@@ -90,3 +90,16 @@ def test_same_masks_as_the_reference_sampler(strategy):
             np.testing.assert_array_equal(mask, expected)
         else:  # the reference stalled short of n; ours tops its mask up to exactly n
             assert strategy == "random_blocks" and mask.sum() == n and (mask & expected).sum() == expected.sum()
+
+
+def test_masking_options_of_a_training_config():
+    from franca.data.masking import make_mask_generator, masking_options
+    from franca.utils.config import load_config_file
+
+    cfg = load_config_file(None, ["crops.global_crops_size=56", "student.patch_size=14"])
+    options = masking_options(cfg)
+    assert options["n_tokens"] == 16 and options["mask_ratio_tuple"] == tuple(cfg.ibot.mask_ratio_min_max)
+    assert options["mask_probability"] == cfg.ibot.mask_sample_probability
+    for generator in (options["mask_generator"], make_mask_generator(cfg)):
+        mask = generator(5)
+        assert mask.shape == (4, 4) and mask.sum() == 5

@@ -215,3 +215,14 @@ def test_voc_run_without_feature_cache_reports_kmeans_miou(run_dir, tmp_path, si
     assert records[0]["val/x/K=2_miou"] > 0.5
     assert {"val/no_pos_x/K=2_miou", "val/pos_x/K=4_prec_miou"} <= set(records[-1])
     assert records[-1]["probe_r2"] is None and not (out / "folded_teacher_checkpoint.pth").exists()
+
+
+def test_config_values_are_typed_through_the_franca_loader():
+    from franca.utils.config import ConfigError
+
+    cfg = load_rasa_config(
+        None, ["data.data_dir=x", "val.val_iters=null", "backbone.kwargs.depth=2", "train.lr_heads=1"]
+    )
+    assert cfg.val.val_iters is None and cfg.backbone.kwargs.depth == 2 and cfg.train.lr_heads == 1.0
+    with pytest.raises(ConfigError, match="config key 'train.max_epochs' in the command-line overrides must be int"):
+        load_rasa_config(None, ["data.data_dir=x", "train.max_epochs=many"])

@@ -1,7 +1,8 @@
 """Shipped YAML configurations.
 
 ``franca_default_config`` is the default configuration every run starts from; the training
-configs under ``train/`` and ``finetune/`` only state what differs from it.
+configs under ``train/`` and ``finetune/`` only state what differs from it. This package only locates and reads
+the files; merging and validation live in :mod:`franca.utils.config` (``load_and_merge_config``), which imports it.
 """
 
 from __future__ import annotations
@@ -33,13 +34,6 @@ def config_path(config_name: str) -> Path:
 def load_config(config_name: str) -> DictConfig:
     """The shipped config ``config_name`` as written (not merged with the default)."""
     return OmegaConf.load(config_path(config_name))
-
-
-def load_and_merge_config(config_name: str) -> DictConfig:
-    """Default config ⊕ the shipped config ``config_name``, validated."""
-    from franca.utils.config import load_config_file
-
-    return load_config_file(config_path(config_name))
 
 
 franca_default_config: DictConfig = load_config("ssl_default_config")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Any
 
 import numpy as np
 
@@ -144,3 +145,31 @@ class MaskingGenerator:
                     region[...] = True
                     return new
         return 0
+
+
+def make_mask_generator(cfg: Any) -> MaskingGenerator:
+    """The iBOT mask generator of a training config: masks over the (S, S) patch grid of a global crop,
+    S = ``crops.global_crops_size // student.patch_size``, at most S²/2 patches per rectangle, block / inverse-block
+    / roll as ``cfg.train`` says (CyclicMask by default)."""
+    side = cfg.crops.global_crops_size // cfg.student.patch_size
+    return MaskingGenerator(
+        input_size=(side, side),
+        max_num_patches=0.5 * side * side,
+        min_aspect=0.3,
+        use_block_masking=cfg.train.use_block_masking,
+        use_inverse_block=cfg.train.use_inverse_block,
+        roll=cfg.train.roll,
+    )
+
+
+def masking_options(cfg: Any) -> dict[str, Any]:
+    """The masking keywords of ``collate_data_and_cast`` / ``collate_encoded`` for a training config:
+    ``mask_ratio_tuple`` and ``mask_probability`` from ``cfg.ibot``, ``n_tokens`` = S² patches of a global crop and
+    :func:`make_mask_generator`."""
+    side = cfg.crops.global_crops_size // cfg.student.patch_size
+    return {
+        "mask_ratio_tuple": tuple(cfg.ibot.mask_ratio_min_max),
+        "mask_probability": cfg.ibot.mask_sample_probability,
+        "n_tokens": side * side,
+        "mask_generator": make_mask_generator(cfg),
+    }

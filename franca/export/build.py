@@ -3,7 +3,7 @@
 Every weight file goes through the one checkpoint reader (``franca.hub.loading``): ``teacher``/``backbone.``
 prefixes, chunked or flat block keys, strict keys and shapes. A file written by ``rasa.fold`` (extra
 ``norm.patch_proj.*`` keys) loads into the same architecture with the folded norm. A RASA head file given on its
-own is folded in afterwards (``rasa.fold``), so the exported patch tokens are the debiased ones.
+own is folded in afterwards (``franca.layers.folded_norm.fold``), so the exported patch tokens are the debiased ones.
 
 * ``hub``: ``franca_vitb14`` / ``franca_vitl14`` / ``franca_vitg14`` with ``hub_weights`` (``IN21K``, ``LAION``,
   ``DINOV2_IN21K``); ``weights`` (a local file) replaces the download.
@@ -24,11 +24,15 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from franca.hub import backbones as hub
 from franca.hub.loading import backbone_state_dict, load_backbone_weights, read_checkpoint
+from franca.layers.folded_norm import fold, prepare_for_folded_state_dict
+from franca.layers.rasa_head import load_rasa_head
 from franca.models import build_model
+from franca.utils.config import load_config_file
 
 HUB_ENTRY_POINTS = {
     "franca_vitb14": hub.franca_vitb14,
@@ -53,8 +57,6 @@ def parse_model_args(items: Sequence[str]) -> dict[str, Any]:
 
 def _load_weights(model: nn.Module, state_dict: Mapping[str, Tensor]) -> nn.Module:
     """Strict load of backbone weights; files with a folded RASA norm get a ``FoldedLayerNorm`` first."""
-    from franca.layers.folded_norm import prepare_for_folded_state_dict
-
     model = prepare_for_folded_state_dict(model, state_dict)
     load_backbone_weights(model, state_dict)
     return model
@@ -114,15 +116,8 @@ def build_backbone(
         if arch:
             config = {"arch": arch, **hub.HUB_BACKBONE_CONFIG}
         else:
-            from omegaconf import OmegaConf
-
-            from franca.utils.config import load_config_file
-
             config = OmegaConf.to_container(load_config_file(config_file).student, resolve=True)
         model = _load_weights(_build(config, model_args, state_dict), state_dict)
     if rasa is not None:
-        from franca.layers.folded_norm import fold
-        from franca.layers.rasa_head import load_rasa_head
-
         model = fold(model, load_rasa_head(rasa, input_dim=model.embed_dim))
     return model.eval()

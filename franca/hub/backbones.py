@@ -23,6 +23,7 @@ from torch import nn
 
 from franca.hub.loading import extract_checkpoint_parts, load_backbone_weights, read_checkpoint
 from franca.hub.release_caveats import check_release_weights
+from franca.layers.rasa_head import load_rasa_head
 from franca.models import build_model
 
 RELEASE_URL = "https://github.com/valeoai/Franca/releases/download/v1.0.0"
@@ -103,8 +104,6 @@ def _release_state_dict(arch_name: str, patch_size: int, weights: Weights) -> di
 
 
 def _attach_rasa_head(model: nn.Module, source: str | os.PathLike | dict) -> None:
-    from franca.layers.rasa_head import load_rasa_head
-
     model.rasa_head = load_rasa_head(source, input_dim=model.embed_dim)
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from franca.layers.folded_norm import prepare_for_folded_state_dict
+
 _STATE_DICT_ENTRIES = ("teacher", "model", "state_dict")
 _WRAPPER_PREFIXES = ("module.", "backbone.")
 # Keys of heads trained beside the backbone; a backbone load ignores them (the RASA head is loaded on its own).
@@ -177,8 +179,6 @@ def load_backbone_weights(model: nn.Module, path_or_state_dict: str | os.PathLik
         state_dict = _state_dict_of(path_or_state_dict, "the given object")
     backbone = backbone_state_dict(state_dict)
     if FOLDED_NORM_KEY in backbone:
-        from franca.layers.folded_norm import prepare_for_folded_state_dict
-
         prepare_for_folded_state_dict(model, backbone)
     renamed = match_backbone_keys(model, backbone)
     on_meta = any(p.is_meta for p in model.parameters())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import SimpleNamespace
 from typing import Any
 
@@ -12,8 +12,12 @@ from torch import nn
 import franca.models.vision_transformer as vits
 
 
-def _architecture(name: str):
-    """The builder ``franca.models.vision_transformer.<name>``, looked up at call time (``_memeff`` suffix ignored)."""
+def get_architecture(name: str) -> Callable[..., nn.Module]:
+    """The builder ``franca.models.vision_transformer.<name>`` (a ``vit_*`` function or ``DinoVisionTransformer``).
+
+    Looked up at call time; the ``_memeff`` suffix of DINOv2 config names is ignored. The one architecture lookup of
+    the project (training, hub, export, RASA).
+    """
     name = name.removesuffix("_memeff")
     builder = getattr(vits, name, None)
     if not callable(builder):
@@ -37,7 +41,7 @@ def build_model(
     """
     if isinstance(args, Mapping):
         args = SimpleNamespace(**args)
-    builder = _architecture(args.arch)
+    builder = get_architecture(args.arch)
     vit_kwargs = dict(
         img_size=img_size,
         patch_size=args.patch_size,

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from franca.data.multicrop import N_GLOBAL_CROPS
 from franca.layers.dino_head import DINOHead
 from franca.layers.mrl_dino_head import MRLDINOHead
 from franca.loss import KoLeoLoss, MRLDINOLoss, MRLiBOTPatchLoss
@@ -44,7 +45,6 @@ from franca.utils.precision import PRECISION_DTYPES
 
 logger = logging.getLogger("franca")
 
-N_GLOBAL_CROPS = 2
 
 Levels = tuple[Tensor, ...]  # one tensor per Matryoshka level, smallest first (a plain head: one level)
 

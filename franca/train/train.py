@@ -39,6 +39,7 @@ import math
 import os
 import random
 import sys
+import warnings
 import zlib
 from collections.abc import Sequence
 from functools import partial
@@ -48,6 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from torch import nn
 
 import franca.distributed as distributed
 from franca import fsdp
@@ -55,7 +57,8 @@ from franca.data.augmentations import DataAugmentationDINO
 from franca.data.batch_augmentations import BatchAugmentationDINO, EncodedImages, decode_batch
 from franca.data.collate import collate_data_and_cast, collate_encoded
 from franca.data.loaders import default_sampler_type, make_data_loader, make_dataset
-from franca.data.synthetic import make_mask_generator
+from franca.data.masking import masking_options
+from franca.data.multicrop import N_GLOBAL_CROPS, MultiCropDistribution
 from franca.logging import MetricLogger, setup_logging
 from franca.train.checkpointing import Checkpointer, list_checkpoints, restore_rng_state
 from franca.train.schedules import CosineScheduler
@@ -228,16 +231,10 @@ def build_data_loader(cfg: DictConfig, sampler_advance: int = 0, input_dtype: to
 
     ``sampler_advance`` is the number of samples this rank already consumed (resume).
     """
-    grid = cfg.crops.global_crops_size // cfg.student.patch_size
-    masking = {
-        "mask_ratio_tuple": cfg.ibot.mask_ratio_min_max,
-        "mask_probability": cfg.ibot.mask_sample_probability,
-        "n_tokens": grid * grid,
-        "mask_generator": make_mask_generator(cfg),
-    }
+    masking = masking_options(cfg)
     if cfg.train.batch_augmentation:
         dataset = EncodedImages(make_dataset(cfg.train.dataset_path))
-        collate_fn = partial(collate_encoded, n_global_crops=2, **masking)
+        collate_fn = partial(collate_encoded, n_global_crops=N_GLOBAL_CROPS, **masking)
     else:
         augmentation = _multi_crop_augmentation(DataAugmentationDINO, cfg, uint8_crops=True)
         collate_fn = partial(collate_data_and_cast, dtype=input_dtype, **masking)
@@ -263,7 +260,7 @@ def build_batch_augmentation(cfg: DictConfig) -> BatchAugmentationDINO | None:
     return _multi_crop_augmentation(BatchAugmentationDINO, cfg)
 
 
-def _multi_crop_augmentation(cls: type[DataAugmentationDINO], cfg: DictConfig, **kwargs) -> DataAugmentationDINO:
+def _multi_crop_augmentation(cls: type[MultiCropDistribution], cfg: DictConfig, **kwargs) -> MultiCropDistribution:
     """``cls`` (the worker or the device-side augmentation) built from ``cfg.crops``."""
     crops = cfg.crops
     return cls(
@@ -361,6 +358,17 @@ def _initial_state(cfg: DictConfig, model: SSLMetaArch, checkpointer: Checkpoint
     return {"start_iter": 0, "sampler_advance": 0, "rng": None}
 
 
+def log_parameter_counts(model: nn.Module) -> str:
+    """fvcore's parameter-count table of ``model`` (modules to depth 2: student/teacher backbone and heads), logged
+    once as one block; returns the table."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # importing fvcore.nn runs the deprecated torch.jit.script
+        from fvcore.nn import parameter_count_table
+    table = parameter_count_table(model, max_depth=2)
+    logger.info("parameters:\n%s", table)
+    return table
+
+
 def do_train(cfg: DictConfig, model: SSLMetaArch, resume: bool = True, log_period: int = 10) -> dict[str, float]:
     """Train ``model`` until ``optim.epochs · OFFICIAL_EPOCH_LENGTH`` iterations; return the mean metrics."""
     model.train()
@@ -384,6 +392,8 @@ def do_train(cfg: DictConfig, model: SSLMetaArch, resume: bool = True, log_perio
     state = _initial_state(cfg, model, checkpointer, resume)
     start_iter = state["start_iter"]
     logger.info(f"Starting training at iteration {start_iter} of {max_iter}")
+    if distributed.is_main_process():
+        log_parameter_counts(model)
     metrics_path = output_dir / METRICS_FILE
     if distributed.is_main_process():
         _truncate_metrics(metrics_path, start_iter)

@@ -3,7 +3,9 @@
 Every key of a config file or an override must exist in the default config
 (``franca/configs/ssl_default_config.yaml``) and carry a value of the default's type
 (an int is accepted where a float is expected). Otherwise loading stops with one
-:class:`ConfigError` line naming the key and the closest valid key.
+:class:`ConfigError` line naming the key and the closest valid key. An empty mapping in the default
+(``{}``) is open: it takes any keys (builder keyword arguments). :func:`merge_configs` is this one
+merge/validation path for any default tree; RASA's post-training config (``rasa.train``) uses it too.
 """
 
 from __future__ import annotations
@@ -12,13 +14,13 @@ import difflib
 import logging
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from franca.configs import CONFIG_DIR, available_configs, franca_default_config
+from franca.configs import CONFIG_DIR, available_configs, config_path, franca_default_config
 
 logger = logging.getLogger("franca")
 
@@ -76,10 +78,10 @@ def closest_key(path: str, default: dict | None = None) -> str | None:
     return by_leaf[match[0]] if match else None
 
 
-def _unknown_key_error(path: str, source: str, default: dict) -> ConfigError:
+def _unknown_key_error(path: str, source: str, default: dict, label: str) -> ConfigError:
     suggestion = closest_key(path, default)
     hint = f"; did you mean '{suggestion}'?" if suggestion else ""
-    return ConfigError(f"unknown config key '{path}' in {source}{hint}")
+    return ConfigError(f"unknown {label} key '{path}' in {source}{hint}")
 
 
 def _is_interpolation(value: Any) -> bool:
@@ -112,17 +114,23 @@ def _check_scalar(path: str, value: Any, expected: Any, source: str) -> Any:
     return value
 
 
-def _check_node(user: Any, default: Any, path: str, source: str, root: dict) -> Any:
+def _check_node(
+    user: Any, default: Any, path: str, source: str, root: dict, label: str, nullable: Container[str]
+) -> Any:
     """Validate ``user`` against ``default`` recursively; return it with scalars converted."""
+    if user is None and path in nullable:
+        return None
     if isinstance(default, dict):
         if not isinstance(user, dict):
             raise ConfigError(f"config key '{path}' in {source} must be a mapping, got {_type_name(user)} {user!r}")
+        if not default:
+            return user
         checked = {}
         for key, value in user.items():
             key_path = f"{path}.{key}" if path else str(key)
             if key not in default:
-                raise _unknown_key_error(key_path, source, root)
-            checked[key] = _check_node(value, default[key], key_path, source, root)
+                raise _unknown_key_error(key_path, source, root, label)
+            checked[key] = _check_node(value, default[key], key_path, source, root, label, nullable)
         return checked
     if isinstance(default, list):
         if _is_interpolation(user):
@@ -146,11 +154,37 @@ def _default_tree() -> dict:
     return OmegaConf.to_container(franca_default_config, resolve=False)
 
 
-def validate_config(cfg: DictConfig | dict, source: str) -> DictConfig:
-    """Check every key of ``cfg`` against the default config; return it with ints promoted to floats."""
-    root = _default_tree()
+def validate_config(
+    cfg: DictConfig | dict,
+    source: str,
+    default: DictConfig | None = None,
+    *,
+    label: str = "config",
+    nullable: Container[str] = (),
+) -> DictConfig:
+    """Check every key of ``cfg`` against ``default`` (the Franca default config); return it with ints promoted to floats.
+
+    ``label`` names the config in errors (``unknown <label> key ...``); keys in ``nullable`` also accept ``null``.
+    """
+    root = _default_tree() if default is None else OmegaConf.to_container(default, resolve=False)
     user = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else cfg
-    return OmegaConf.create(_check_node(user, root, "", source, root))
+    return OmegaConf.create(_check_node(user, root, "", source, root, label, nullable))
+
+
+def merge_configs(
+    default: DictConfig,
+    layers: Sequence[tuple[DictConfig, str]],
+    *,
+    label: str = "config",
+    nullable: Container[str] = (),
+) -> DictConfig:
+    """``default`` ⊕ each ``(layer, source)`` in order, every layer validated against ``default`` first."""
+    checked = []
+    for layer, source in layers:
+        if not isinstance(layer, DictConfig):
+            raise ConfigError(f"{source} must hold a mapping of keys, got {_type_name(layer)}")
+        checked.append(validate_config(layer, source, default, label=label, nullable=nullable))
+    return OmegaConf.merge(OmegaConf.create(default), *checked)
 
 
 def _check_choices(cfg: DictConfig) -> None:
@@ -201,18 +235,20 @@ def load_config_file(config_file: str | os.PathLike | None, overrides: Sequence[
     Raises ConfigError (a ValueError) naming the first unknown key or mistyped value and the
     closest valid key, FileNotFoundError when the file is missing.
     """
-    layers = [OmegaConf.create(franca_default_config)]
+    layers = []
     if config_file:
         path = resolve_config_file(config_file)
-        file_cfg = OmegaConf.load(path)
-        if not isinstance(file_cfg, DictConfig):
-            raise ConfigError(f"config file '{path}' must hold a mapping of keys, got {_type_name(file_cfg)}")
-        layers.append(validate_config(file_cfg, f"config file '{path}'"))
+        layers.append((OmegaConf.load(path), f"config file '{path}'"))
     if overrides:
-        layers.append(validate_config(parse_overrides(overrides), "the command-line overrides"))
-    cfg = OmegaConf.merge(*layers)
+        layers.append((parse_overrides(overrides), "the command-line overrides"))
+    cfg = merge_configs(franca_default_config, layers)
     _check_choices(cfg)
     return cfg
+
+
+def load_and_merge_config(config_name: str) -> DictConfig:
+    """Default config ⊕ the shipped config ``config_name`` (``train/IN21K/vitb14``), validated."""
+    return load_config_file(config_path(config_name))
 
 
 def get_cfg_from_args(args: Any) -> DictConfig:
