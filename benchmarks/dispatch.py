@@ -44,7 +44,7 @@ import sys
 import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -410,6 +410,44 @@ def _real_linspace() -> Iterator[None]:
         torch.linspace = fake_linspace
 
 
+@contextmanager
+def _ours_restored() -> Iterator[None]:
+    """Undo what counting our side patches or caches: the attention call of ``franca.layers.attention`` and the
+    Sinkhorn-Knopp level indicator (a fake tensor must not outlive its fake mode)."""
+    import importlib
+
+    import franca.layers.attention as attention
+
+    level_indicator = importlib.import_module("franca.loss.sinkhorn_knopp")._level_indicator
+    functional = attention.F
+    level_indicator.cache_clear()
+    try:
+        yield
+    finally:
+        attention.F = functional
+        level_indicator.cache_clear()
+
+
+def _count_iteration(side: str, counter: DispatchCounter, cfg, batch: dict) -> None:
+    """Build ``side``'s model on fake tensors, run one iteration uncounted, then count the second."""
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        with _real_linspace(), counter.suspend(), counter:
+            optimizer, iteration = (_official if side == "official" else _ours)(counter, cfg, batch)
+        with counter.suspend(), counter:
+            iteration()  # optimizer state, caches
+        counter.host_tensors = {  # non-fused, non-capturable AdamW keeps its step counters on the host
+            id(optimizer.state[p]["step"])
+            for group in optimizer.param_groups
+            if not (group.get("fused") or group.get("capturable"))
+            for p in group["params"]
+            if "step" in optimizer.state[p]
+        }
+        counter.counts.clear()
+        counter.names.clear()
+        with counter:
+            iteration()
+
+
 def count_side(
     side: str, config: str, batch_size: int, overrides: list[str], root: Path | None = None, batch: dict | None = None
 ) -> dict:
@@ -429,32 +467,14 @@ def count_side(
 
         cfg = load_config_file(config, overrides)
     counter = DispatchCounter()
-    if side == "ours":  # cached constants of an earlier fake mode cannot mix with this one's tensors
-        import importlib
-
-        importlib.import_module("franca.loss.sinkhorn_knopp")._level_indicator.cache_clear()
     if side == "official":
         _prepare_official(counter, root)
     if batch is None:
         from franca.data.synthetic import random_collated_batch
 
         batch = random_collated_batch(cfg, batch_size=batch_size)
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        with _real_linspace(), counter.suspend(), counter:
-            optimizer, iteration = (_official if side == "official" else _ours)(counter, cfg, batch)
-        with counter.suspend(), counter:
-            iteration()  # optimizer state, caches
-        counter.host_tensors = {  # non-fused, non-capturable AdamW keeps its step counters on the host
-            id(optimizer.state[p]["step"])
-            for group in optimizer.param_groups
-            if not (group.get("fused") or group.get("capturable"))
-            for p in group["params"]
-            if "step" in optimizer.state[p]
-        }
-        counter.counts.clear()
-        counter.names.clear()
-        with counter:
-            iteration()
+    with _ours_restored() if side == "ours" else nullcontext():
+        _count_iteration(side, counter, cfg, batch)
     rows = counter.table()
     total = {
         key: sum(rows[r][key] for r in IN_ITERATION)

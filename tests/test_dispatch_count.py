@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+import franca.layers.attention as attention
 from benchmarks import dispatch
 
 
@@ -51,3 +54,6 @@ def test_one_counted_iteration_has_no_host_sync_inside():
     assert regions["logging"]["host_syncs"] == 4  # the four logged loss terms, read once after the EMA
     assert regions["ema"]["ops"] == 1 and regions["optimizer"]["elementwise_mb"] > 0
     assert result["elementwise_mb_outside_backbone"] < result["total"]["elementwise_mb"]
+    # nothing of the fake run outlives it: the attention call and the cached Sinkhorn-Knopp indicator are restored
+    assert attention.F is torch.nn.functional
+    assert importlib.import_module("franca.loss.sinkhorn_knopp")._level_indicator.cache_info().currsize == 0
