@@ -3,7 +3,8 @@
 Counted on CPU: every Python-level read of a tensor value (``.item()``, ``.tolist()``, ``bool()``, ``float()``,
 ``int()``, ``.cpu()``, ``.numpy()``) and, below Python, every ``aten._local_scalar_dense`` / ``nonzero`` /
 boolean-mask index dispatched. On a GPU each is a synchronisation; the one read the loop needs (the logged
-losses) comes after the EMA.
+losses) comes after the EMA. The non-finite-loss check that used to read the losses before the step is now
+decided on the device, from the rank-averaged losses: checked with FSDP2 on two gloo ranks.
 """
 
 from __future__ import annotations
@@ -108,3 +109,50 @@ def test_one_iteration_has_no_host_sync_before_the_losses_are_logged(overrides):
     assert set(losses) == {"dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss"}
     assert all(isinstance(v, float) for v in losses.values())
     assert any(not torch.equal(before[k], v) for k, v in model.teacher.state_dict().items()), "EMA ran"
+
+
+def _poisoned_step_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    """Rank 1's losses are NaN at iteration 1: every rank must skip that step (rank-averaged check)."""
+    from test_fsdp import _init, build_model, rank_batch, tiny_cfg
+
+    from franca import fsdp
+    from franca.train.train import NonFiniteLossError
+
+    _init(rank, world_size, port)
+    try:
+        cfg = tiny_cfg()
+        model = build_model(cfg)
+        optimizer = build_optimizer(cfg, model.get_params_groups())
+        apply_optim_scheduler(optimizer, 1e-3, 0.04, 1e-3)
+        step = {"teacher_temp": 0.07, "momentum": 0.99, "clip_grad": 3.0}
+        training_step(model, optimizer, rank_batch(cfg, rank), iteration=0, **step)
+        before = fsdp.full_state_dict(model)
+        forward_backward = model.forward_backward
+
+        def poisoned(batch, teacher_temp):
+            losses = forward_backward(batch, teacher_temp)
+            return {k: v * float("nan") for k, v in losses.items()} if rank == 1 else losses
+
+        model.forward_backward = poisoned
+        try:
+            training_step(model, optimizer, rank_batch(cfg, rank), iteration=1, **step)
+            raised = False
+        except NonFiniteLossError:
+            raised = True
+        after = fsdp.full_state_dict(model)
+        if rank == 0:
+            student = [k for k in before if k.startswith("student.")]
+            torch.save({"raised": raised, "unchanged": all(torch.equal(before[k], after[k]) for k in student)}, out)
+        assert raised, f"rank {rank} did not stop"
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    """FSDP2 on 2 gloo ranks: the fused AdamW skips on the device (no host read before the step) on both."""
+    from test_fsdp import run_ranks
+
+    out = tmp_path / "result.pt"
+    run_ranks(_poisoned_step_worker, str(out))
+    result = torch.load(out, weights_only=True)
+    assert result == {"raised": True, "unchanged": True}
