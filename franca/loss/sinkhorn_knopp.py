@@ -52,10 +52,10 @@ def _all_reduce_levels(vectors: list[Tensor], op: dist.ReduceOp.RedOpType = dist
 
 @functools.lru_cache(maxsize=32)
 def _level_indicator(sizes: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:
-    """One-hot [ΣK_j, J] float32 matrix (row k is 1 in the column of prototype k's level) and the [ΣK_j] level
+    """One-hot [ΣK_j, J] bool matrix (row k is True in the column of prototype k's level) and the [ΣK_j] level
     size K_j of every prototype; built once per level sizes and device (no host sync in the step)."""
     level_of = torch.tensor([j for j, k in enumerate(sizes) for _ in range(k)])
-    indicator = torch.zeros(len(level_of), len(sizes)).scatter_(1, level_of.unsqueeze(1), 1.0)
+    indicator = torch.zeros(len(level_of), len(sizes), dtype=torch.bool).scatter_(1, level_of.unsqueeze(1), True)
     counts = torch.tensor([float(k) for k in sizes for _ in range(k)])
     return indicator.to(device), counts.to(device)
 
@@ -76,7 +76,8 @@ def sinkhorn_knopp(
     [B_local, ΣK_j] buffer (the returned tensors are its column blocks), and with the one-hot level indicator
     I [ΣK_j, J] every iteration is two matrix products over all levels, ``Eᵀ V`` [ΣK_j, J] (prototype totals:
     its entries on each prototype's own level) and ``E (u ⊙ I)`` [B_local, J] (sample totals per level), so
-    the operator count does not grow with the number of levels.
+    the operator count does not grow with the number of levels. The other levels' entries are selected away
+    (not multiplied by 0), so a NaN of one level stays in that level, as with one call per level.
     """
     if n_iterations < 1:
         raise ValueError(f"sinkhorn_knopp: n_iterations must be >= 1, got {n_iterations}")
@@ -114,11 +115,11 @@ def sinkhorn_knopp(
         if sample_scale is None:
             column_totals = exps.sum(0)
         else:
-            column_totals = torch.mm(exps.t(), sample_scale).mul_(indicator).sum(1)  # [ΣK]
+            column_totals = torch.mm(exps.t(), sample_scale).where(indicator, 0.0).sum(1)  # [ΣK]
         if distributed:
             dist.all_reduce(column_totals)
         prototype_scale = column_totals.mul_(prototype_counts).clamp_(min=_TINY).reciprocal_()  # u, [ΣK]
-        row_totals = torch.mm(exps, indicator * prototype_scale.unsqueeze(1))  # [B_local, J]
+        row_totals = torch.mm(exps, prototype_scale.unsqueeze(1).where(indicator, 0.0))  # [B_local, J]
         if iteration < n_iterations - 1:
             row_totals.mul_(totals_b)
         sample_scale = row_totals.clamp_(min=_TINY).reciprocal_()
