@@ -169,6 +169,12 @@ def _print_report(machine: dict, rows: list[dict], compare_rows: list[dict]) -> 
             end="",
         )
     print("\n")
+    counted = [r for r in rows if "region" in r]  # the dispatch workload: counts, not timings
+    rows = [r for r in rows if "region" not in r]
+    if counted:
+        from benchmarks.dispatch import format_table
+
+        print(format_table(counted) + "\n")
     if rows:
         _print_table(
             ["module", "workload", "impl", "seconds", "img/s", "GFLOP/s", "% matmul", "MFU %", "peak MB"],
