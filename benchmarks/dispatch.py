@@ -3,8 +3,9 @@
 One iteration as ``train.py`` runs it after the data arrive — ``forward_backward`` (teacher targets,
 student multi-crop pass, losses, backward), gradient clipping, the AdamW step and the teacher EMA — at
 the shapes of ``configs/train/IN21K/vitb14.yaml`` / ``vitl14.yaml`` (batch 32, 131 072 prototypes,
-2×224 + 8×98 crops), on *fake* CUDA tensors (``FakeTensorMode``: shapes, dtypes and devices without
-memory or arithmetic), so the device-side code paths (fused AdamW, foreach) are the ones taken. fp32,
+2×224 + 8×98 crops), on *fake* CPU tensors (``FakeTensorMode``: shapes, dtypes and devices without
+memory or arithmetic; a fake CUDA device cannot run backward on a CPU-only build). The CPU paths taken
+are the GPU ones where it matters: fused AdamW, foreach clipping and EMA, one attention call per run. fp32,
 no grad scaler on both sides (casts are not counted). The second of two iterations is counted (the
 first creates the optimizer state).
 
