@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.franca-installed
 OUT ?= demo_output
 
-.PHONY: install test test-slow lint format demo benchmark clean
+.PHONY: install test test-slow lint format demo benchmark gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
@@ -34,6 +34,10 @@ demo: $(STAMP)
 
 benchmark: $(STAMP)
 	$(PY) scripts/benchmark.py
+
+# One GPU, a few minutes: xFormers/SDPA parity, IN21K ViT-B/L steps (fp16, bf16), compile, GPU augmentation, k-NN.
+gpu-check: $(STAMP)
+	$(PY) scripts/gpu_check.py --json gpu_check.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -46,6 +46,7 @@ WORKLOADS = {
     "train_loop": "the trainer on the demo images (data loading included)",
     "eval": "feature extraction and k-NN",
     "export": "ONNX Runtime vs PyTorch eager latency",
+    "checkpoint": "training checkpoint save/load, full-state file vs DCP, 2 gloo ranks",
     "dispatch": "ATen operators, element-wise bytes and host syncs of one iteration (fake tensors, IN21K shapes)",
 }
 DEFAULT_WORKLOADS = ["augment", "backbone", "heads", "step", "rasa"]

@@ -13,6 +13,11 @@ REFERENCE_DIR = Path(os.environ.get("FRANCA_REFERENCE_DIR", REPO_ROOT / "tests" 
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+# The test suite runs on the CPU (export FRANCA_DEVICE=auto to change that): several local ranks without CUDA are then
+# an explicit CPU run, not the misconfigured GPU launch that franca.distributed.select_device rejects.
+# Spawned ranks and subprocesses inherit it; tests of the GPU-launch check remove it.
+os.environ.setdefault("FRANCA_DEVICE", "cpu")
+
 
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:

@@ -242,3 +242,15 @@ def test_two_ranks_save_once_and_resume_each_rank_stream(tmp_path):
     assert len(saved["rng"]) == 2
     assert not torch.equal(saved["rng"][0]["torch"], saved["rng"][1]["torch"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model_0000007.pth"]
+
+
+def test_initial_weights_are_memory_mapped(tmp_path):
+    """``student.pretrained_weights`` (``read_checkpoint``) and checkpoints map the file: the ranks of a node
+    share its pages instead of each holding a copy."""
+    from franca.hub.loading import read_checkpoint
+
+    path = tmp_path / "teacher_checkpoint.pth"
+    atomic_save({"teacher": {"backbone.cls_token": torch.arange(4096.0)}}, path)
+    state = read_checkpoint(path)
+    assert str(path) in Path("/proc/self/maps").read_text()
+    assert torch.equal(state["backbone.cls_token"], torch.arange(4096.0))

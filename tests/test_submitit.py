@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import submitit
 import torch
 from test_train_loop import tiny_overrides
 
@@ -18,6 +21,7 @@ from franca.run import submit as run_submit
 from franca.run.train import TrainJob, get_args_parser
 from franca.run.train import main as launch
 from franca.train.checkpointing import list_checkpoints
+from franca.train.preemption import REQUEUE_EXIT_CODE
 from franca.train.train import main as train_main
 from franca.utils.config import resolve_config_file
 
@@ -213,3 +217,53 @@ def test_sbatch_scripts_run_the_trainer_with_the_official_layout(name, tmp_path)
     del env["FRANCA_OUTPUT_DIR"]
     result = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30)
     assert result.returncode != 0 and "set FRANCA_OUTPUT_DIR" in result.stderr
+
+
+@pytest.mark.parametrize("status", [REQUEUE_EXIT_CODE, 0])
+def test_preempted_training_hands_over_to_submitit_requeue(status, monkeypatch):
+    """The trainer saved on the signal and returned REQUEUE_EXIT_CODE: then (only then) submitit's handler runs."""
+    calls = []
+    monkeypatch.setattr("franca.run.train.export_process_group_env", lambda port: {})
+    monkeypatch.setattr("franca.train.train.main", lambda argv: calls.append(("train", list(argv))) or status)
+    preempt_signal = submitit.JobEnvironment._usr_sig()
+    previous = signal.signal(preempt_signal, lambda signum, frame: calls.append(("submitit", signum)))
+    try:
+        assert TrainJob(["--output-dir", "/out"])() == status
+    finally:
+        signal.signal(preempt_signal, previous)
+    expected = [("train", ["--output-dir", "/out"])]
+    assert calls == (expected + [("submitit", preempt_signal)] if status else expected)
+
+
+def test_sbatch_usr1_checkpoints_before_the_requeue(tmp_path):
+    """common.sh: SIGUSR1 to the batch shell → scancel --signal=USR1 to the tasks → they exit after their
+    checkpoint → then scontrol requeue."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    pid_file, calls, saved = tmp_path / "srun.pid", tmp_path / "calls.txt", tmp_path / "saved"
+    scripts = {
+        "srun": f"#!/bin/bash\necho $$ > {pid_file}\ntrap 'touch {saved}; exit 3' USR1\n"
+        "while true; do sleep 0.05; done\n",
+        "scancel": f'#!/bin/bash\necho "scancel $*" >> {calls}\nkill -USR1 "$(cat {pid_file})"\n',
+        "scontrol": f'#!/bin/bash\necho "scontrol $* saved=$(test -e {saved} && echo yes)" >> {calls}\n',
+    }
+    for name, text in scripts.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "SLURM_SUBMIT_DIR": str(REPO_ROOT),
+        "SLURM_JOB_ID": "77",
+        "FRANCA_OUTPUT_DIR": str(tmp_path / "out"),
+    }
+    script = REPO_ROOT / "scripts" / "slurm" / "franca-B-in21k.sbatch"
+    job = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(job.pid, signal.SIGUSR1)
+    out, err = job.communicate(timeout=30)
+    assert job.returncode == REQUEUE_EXIT_CODE, err
+    assert "time limit near" in out
+    assert calls.read_text().splitlines() == ["scancel --signal=USR1 77", "scontrol requeue 77 saved=yes"]

@@ -1,11 +1,12 @@
-"""The training CLI as a real process: SIGKILL mid-run + automatic resume reproduces the uninterrupted
-losses bit for bit; a NaN loss stops with one line; bad input is one error line."""
+"""The training CLI as a real process: SIGKILL mid-run + automatic resume, and SIGUSR1 (save, exit, resume),
+reproduce the uninterrupted losses bit for bit; a NaN loss stops with one line; bad input is one error line."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from test_train_loop import LOSS_KEYS, TINY_ARCH_SOURCE, tiny_overrides
 
 from franca.data.datasets.demo import write_demo_dataset
 from franca.train.checkpointing import list_checkpoints
+from franca.train.preemption import REQUEUE_EXIT_CODE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # `python -m franca.train.train`, with the tiny test architecture registered first.
@@ -181,3 +183,100 @@ def test_cli_argument_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--config-file", "train/cpu_tiny"])
     assert "the following arguments are required: --output-dir" in capsys.readouterr().err
+
+
+def test_sigusr1_saves_then_resume_reproduces_losses(demo_root, tmp_path):
+    """SIGUSR1 to a running trainer (DCP format, asynchronous save): it finishes the iteration, writes a
+    checkpoint off the cadence, exits with REQUEUE_EXIT_CODE; the same command resumes and every
+    per-iteration value equals the uninterrupted run's."""
+    n_iterations, k = 8, 3
+    settings = {
+        "optim.epochs": n_iterations // 2,
+        "train.checkpoint_period_iterations": 8,
+        "train.checkpoint_format": "dcp",
+        "train.checkpoint_async": "true",
+        "evaluation.eval_period_iterations": 8,
+    }
+    full, signalled = tmp_path / "full", tmp_path / "signalled"
+    reference = _start(_command(demo_root, full, **settings))
+    victim = _start(_command(demo_root, signalled, **settings))
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and victim.poll() is None and len(_records(signalled)) < k:
+        time.sleep(0.02)
+    assert victim.poll() is None, "the run finished before it could be signalled"
+    os.kill(victim.pid, signal.SIGUSR1)
+    _, err = victim.communicate(timeout=120)
+    assert victim.returncode == REQUEUE_EXIT_CODE, err[-3000:]
+    (stop_line,) = [line for line in (signalled / "log.txt").read_text().splitlines() if "stopped by" in line]
+    stopped_at = int(stop_line.split("after iteration ")[1].split(":")[0])
+    assert "stopped by SIGUSR1" in stop_line and k - 1 <= stopped_at < 7  # before the periodic save (the last)
+    assert [it for it, _ in list_checkpoints(signalled)] == [stopped_at]
+    assert [r["iteration"] for r in _records(signalled)] == list(range(stopped_at + 1))
+
+    resumed = _run(_command(demo_root, signalled, **settings))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _, err = reference.communicate(timeout=240)
+    assert reference.returncode == 0, err[-3000:]
+    assert f"Starting training at iteration {stopped_at + 1} of 8" in (signalled / "log.txt").read_text()
+    expected = _values(_records(full))
+    assert [r["iteration"] for r in expected] == list(range(n_iterations))
+    assert _values(_records(signalled)) == expected
+    a = torch.load(full / "eval" / "training_7" / "teacher_checkpoint.pth", weights_only=True)["teacher"]
+    b = torch.load(signalled / "eval" / "training_7" / "teacher_checkpoint.pth", weights_only=True)["teacher"]
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def _start_ranks(cmd: list[str], world_size: int = 2) -> list[subprocess.Popen]:
+    """``world_size`` trainer processes of one gloo process group (torchrun's variables)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    procs = []
+    for rank in range(world_size):
+        env = dict(_env(), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+        env.update(LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(
+            subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        )
+    return procs
+
+
+def _wait_all(procs: list[subprocess.Popen], timeout: float = 300) -> list[int]:
+    for proc in procs:
+        _, err = proc.communicate(timeout=timeout)
+        proc.stderr_tail = err[-3000:]
+    return [proc.returncode for proc in procs]
+
+
+@pytest.mark.slow
+def test_two_ranks_sigusr1_on_one_rank_then_resume_reproduces_losses(demo_root, tmp_path):
+    """2 gloo ranks, DCP: SIGUSR1 reaches rank 1 only; both agree to stop after the same iteration, save and
+    exit; 2 ranks resume (each its RNG streams and sampler position) and repeat the uninterrupted losses."""
+    n_iterations, k = 12, 3
+    settings = {
+        "optim.epochs": n_iterations // 2,
+        "train.checkpoint_period_iterations": 6,
+        "train.checkpoint_format": "dcp",
+        "evaluation.eval_period_iterations": 0,
+    }
+    full, signalled = tmp_path / "full", tmp_path / "signalled"
+    reference = _start_ranks(_command(demo_root, full, **settings))
+    victims = _start_ranks(_command(demo_root, signalled, **settings))
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and victims[1].poll() is None and len(_records(signalled)) < k:
+        time.sleep(0.02)
+    assert victims[1].poll() is None, "the run finished before it could be signalled"
+    os.kill(victims[1].pid, signal.SIGUSR1)
+    codes = _wait_all(victims)
+    assert codes == [REQUEUE_EXIT_CODE] * 2, [p.stderr_tail for p in victims]
+    (stop,) = [line for line in (signalled / "log.txt").read_text().splitlines() if "stopped by" in line]
+    assert "another rank's stop signal" in stop  # rank 0 writes the log; the signal went to rank 1
+    stopped_at = int(stop.split("after iteration ")[1].split(":")[0])
+    assert [it for it, _ in list_checkpoints(signalled)] == [stopped_at] and stopped_at < 5
+
+    resumed = _start_ranks(_command(demo_root, signalled, **settings))
+    assert _wait_all(resumed) == [0, 0], [p.stderr_tail for p in resumed]
+    assert _wait_all(reference) == [0, 0], [p.stderr_tail for p in reference]
+    expected = _values(_records(full))
+    assert [r["iteration"] for r in expected] == list(range(n_iterations))
+    assert _values(_records(signalled)) == expected

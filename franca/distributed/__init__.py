@@ -2,7 +2,7 @@
 
 ``enable()`` works out ``(rank, world_size, local_rank, local_world_size, master address/port)`` from
 the environment, exports the ``env://`` variables PyTorch expects and initialises the default process
-group: NCCL when CUDA is available, gloo otherwise. The sources, in order of precedence:
+group: NCCL on the selected GPU, gloo on the CPU (see below). The sources, in order of precedence:
 
 1. torchrun: all of ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``,
    ``MASTER_PORT`` are set (a partial set is an error naming the missing variables);
@@ -10,6 +10,13 @@ group: NCCL when CUDA is available, gloo otherwise. The sources, in order of pre
    master is the first host of ``SLURM_JOB_NODELIST`` and the port is derived from the job id, so every
    task agrees without talking to the others;
 3. otherwise one local process (rank 0 of 1) on a free port.
+
+The device (``device="auto"|"cuda"|"cpu"``, ``auto`` deferring to the ``FRANCA_DEVICE`` environment variable)
+is chosen by :func:`select_device` before the group exists: a launch that asks for GPUs (NCCL backend,
+``SLURM_GPUS*`` / ``CUDA_VISIBLE_DEVICES`` set, several local ranks) on a machine where
+``torch.cuda.is_available()`` is false stops with one line naming the likely cause instead of training
+silently on the CPU. Rank ``r`` on a machine with ``n`` GPUs uses GPU ``r % n``, and the NCCL group is
+bound to it (``init_process_group(device_id=...)``).
 
 After ``enable()`` only rank 0 prints (``print(..., force=True)`` overrides); ``franca.logging`` only
 writes files and console output on rank 0 as well.
@@ -28,11 +35,14 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+DEVICES = ("auto", "cuda", "cpu")
+DEVICE_ENV_VAR = "FRANCA_DEVICE"
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 _SLURM_PORT_RANGE = (20_000, 60_000)
 
 _local_rank = -1
 _local_world_size = -1
+_device = torch.device("cpu")
 _builtin_print = builtins.print
 
 
@@ -190,6 +200,72 @@ def detect_environment() -> DistributedEnvironment:
     return _local()
 
 
+def gpu_request_reasons(env: DistributedEnvironment, backend: str | None = None) -> list[str]:
+    """What in this launch asks for GPUs: an NCCL backend, SLURM GPU variables, ``CUDA_VISIBLE_DEVICES``,
+    several local ranks (``SLURM_GPUS*=0`` and an empty or ``-1`` ``CUDA_VISIBLE_DEVICES`` are not requests)."""
+    reasons = [f"backend={backend}"] if backend == "nccl" else []
+    reasons += [
+        f"{name}={value}"
+        for name, value in sorted(os.environ.items())
+        if name.startswith("SLURM_GPUS") and value.strip() not in ("", "0")
+    ]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if visible and visible != "-1":
+        reasons.append(f"CUDA_VISIBLE_DEVICES={visible}")
+    if env.local_world_size > 1:
+        reasons.append(f"{env.local_world_size} local ranks")
+    return reasons
+
+
+def _no_cuda_cause() -> str:
+    """The likely reason ``torch.cuda.is_available()`` is false, for the one-line error."""
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build (install the CUDA wheel, see README)"
+    major = int(torch.version.cuda.split(".")[0])
+    driver = "580" if major >= 13 else "525" if major == 12 else "450"
+    return (
+        f"torch {torch.__version__} was built for CUDA {torch.version.cuda}, which needs an NVIDIA driver >= {driver} "
+        "(check nvidia-smi) and a visible GPU"
+    )
+
+
+def select_device(requested: str, env: DistributedEnvironment, backend: str | None = None) -> torch.device:
+    """The device this process trains on: ``cuda:<local_rank % device_count>`` or ``cpu``.
+
+    ``requested`` is ``auto`` (``FRANCA_DEVICE`` when set, else CUDA when available), ``cuda`` or ``cpu``.
+    Raises ValueError when CUDA is asked for, or ``auto`` sees a GPU launch (:func:`gpu_request_reasons`),
+    while ``torch.cuda.is_available()`` is false.
+    """
+    name = requested
+    if name == "auto":
+        name = os.environ.get(DEVICE_ENV_VAR, "auto") or "auto"
+        where = f"{DEVICE_ENV_VAR}={name}"
+    else:
+        where = f"device={name}"
+    if name not in DEVICES:
+        raise ValueError(f"{where} is not one of {', '.join(DEVICES)}")
+    if name == "cpu":
+        if backend == "nccl":
+            raise ValueError(f"{where} with backend=nccl: NCCL needs CUDA tensors, use gloo")
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
+    if name == "cuda":
+        raise ValueError(f"{where} but CUDA is not available: {_no_cuda_cause()}")
+    reasons = gpu_request_reasons(env, backend)
+    if reasons:
+        raise ValueError(
+            f"this launch asks for GPUs ({', '.join(reasons)}) but CUDA is not available: {_no_cuda_cause()}; "
+            f"set train.device=cpu or {DEVICE_ENV_VAR}=cpu to run on the CPU"
+        )
+    return torch.device("cpu")
+
+
+def get_device() -> torch.device:
+    """The device chosen by :func:`enable` (the CPU without a process group)."""
+    return _device if is_enabled() else torch.device("cpu")
+
+
 def _print_on_main_process(*args, force: bool = False, **kwargs) -> None:
     if force or is_main_process():
         _builtin_print(*args, **kwargs)
@@ -201,38 +277,42 @@ def enable(
     set_cuda_current_device: bool = True,
     backend: str | None = None,
     timeout: timedelta | None = None,
+    device: str = "auto",
 ) -> DistributedEnvironment:
     """Initialise the default process group from the launcher's environment.
 
     Args:
         overwrite: replace ``env://`` variables already set to other values (else that is an error).
-        set_cuda_current_device: select GPU ``local_rank`` when CUDA is available.
-        backend: ``"nccl"`` / ``"gloo"``; default NCCL with CUDA, gloo on CPU.
-        timeout: collective timeout (PyTorch's default when None).
+        set_cuda_current_device: make GPU ``local_rank % device_count()`` current and bind the group to it.
+        backend: ``"nccl"`` / ``"gloo"``; default NCCL on CUDA, gloo on CPU.
+        timeout: collective timeout (PyTorch's default when None); size it for the longest checkpoint write.
+        device: ``auto`` / ``cuda`` / ``cpu``, see :func:`select_device` (:func:`get_device` returns it).
     """
-    global _local_rank, _local_world_size
+    global _local_rank, _local_world_size, _device
     if is_enabled():
         raise RuntimeError("franca.distributed.enable() was already called in this process")
     env = detect_environment()
+    selected = select_device(device, env, backend)
     for key, value in env.env_vars().items():
         if not overwrite and os.environ.get(key, value) != value:
             raise ValueError(f"{key} is already set to {os.environ[key]!r}, not {value!r}; pass overwrite=True")
         os.environ[key] = value
 
-    use_cuda = torch.cuda.is_available()
+    use_cuda = selected.type == "cuda"
+    kwargs: dict = {"timeout": timeout} if timeout is not None else {}
     if use_cuda and set_cuda_current_device:
-        torch.cuda.set_device(env.local_rank)
-    kwargs = {"timeout": timeout} if timeout is not None else {}
+        torch.cuda.set_device(selected)
+        kwargs["device_id"] = selected
     dist.init_process_group(backend=backend or ("nccl" if use_cuda else "gloo"), init_method="env://", **kwargs)
-    _local_rank, _local_world_size = env.local_rank, env.local_world_size
+    _local_rank, _local_world_size, _device = env.local_rank, env.local_world_size, selected
     builtins.print = _print_on_main_process
     return env
 
 
 def disable() -> None:
     """Destroy the default process group and give ``print`` back to every rank."""
-    global _local_rank, _local_world_size
+    global _local_rank, _local_world_size, _device
     if is_enabled():
         dist.destroy_process_group()
-    _local_rank, _local_world_size = -1, -1
+    _local_rank, _local_world_size, _device = -1, -1, torch.device("cpu")
     builtins.print = _builtin_print

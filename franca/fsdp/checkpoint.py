@@ -10,7 +10,8 @@ it: a run saved by N ranks resumes on M ranks (M = 1 included), each rank taking
 * optimizer: ``{"state": {param name: {...}}, "param_groups": [{..., "params": [param names]}]}``,
   keyed by parameter name instead of position, so it is the same with and without sharding.
 
-The gather is a collective: call these functions on every rank.
+The gather is a collective: call these functions on every rank. The sharded alternative, where every rank
+writes its own shards, is :mod:`franca.train.sharded_checkpoint` (``train.checkpoint_format=dcp``).
 """
 
 from __future__ import annotations

@@ -19,8 +19,9 @@ and the checkpoint gather are then one code path whatever the strategy.
 Mixed precision: ``param_dtype`` is the dtype of the gathered parameters (the compute dtype),
 ``reduce_dtype`` the dtype of the gradient reduce-scatter / all-reduce. FSDP2 does not manage
 buffers, so ``buffer_dtype`` is applied once, by casting the module's floating-point buffers when it
-is sharded. On CPU every dtype is fp32, as in the single-process CPU path of ``SSLMetaArch`` (which
-only autocasts on CUDA), so a CPU run with several ranks computes what one rank computes.
+is sharded. On CPU every dtype is fp32 while ``compute_precision.fp32_on_cpu`` is true (the default), as
+in the single-process CPU path of ``SSLMetaArch``, so a CPU run with several ranks computes what one rank
+computes; with ``fp32_on_cpu: false`` the configured dtypes apply on CPU too (the mixed-precision tests).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 from omegaconf import DictConfig
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
-from franca.utils.precision import precision_dtype
+from franca.utils.precision import device_dtype, precision_dtype
 
 SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")
 
@@ -47,22 +48,23 @@ class ShardingPlan:
 
 
 def mixed_precision_policy(
-    mixed_precision: DictConfig | dict, *, device_type: str, where: str = ""
+    mixed_precision: DictConfig | dict, *, device_type: str, fp32_on_cpu: bool = True, where: str = ""
 ) -> tuple[MixedPrecisionPolicy, torch.dtype]:
     """``(MixedPrecisionPolicy, buffer_dtype)`` for a ``mixed_precision`` node (``param_dtype`` …).
 
-    ``device_type == "cpu"`` gives fp32 for everything (see the module docstring).
+    On ``device_type == "cpu"`` with ``fp32_on_cpu`` every dtype is fp32 (see the module docstring).
     """
     prefix = f"{where}.mixed_precision" if where else "mixed_precision"
-    param = precision_dtype(mixed_precision["param_dtype"], f"{prefix}.param_dtype")
-    reduce = precision_dtype(mixed_precision["reduce_dtype"], f"{prefix}.reduce_dtype")
-    buffer = precision_dtype(mixed_precision["buffer_dtype"], f"{prefix}.buffer_dtype")
-    if device_type == "cpu":
-        param = reduce = buffer = torch.float32
+    param, reduce, buffer = (
+        device_dtype(precision_dtype(mixed_precision[key], f"{prefix}.{key}"), device_type, fp32_on_cpu)
+        for key in ("param_dtype", "reduce_dtype", "buffer_dtype")
+    )
     return MixedPrecisionPolicy(param_dtype=param, reduce_dtype=reduce, cast_forward_inputs=True), buffer
 
 
-def sharding_plan(module_cfg: DictConfig | dict, *, device_type: str, where: str = "") -> ShardingPlan:
+def sharding_plan(
+    module_cfg: DictConfig | dict, *, device_type: str, fp32_on_cpu: bool = True, where: str = ""
+) -> ShardingPlan:
     """The plan of one ``compute_precision.<role>.<module>`` node."""
     strategy = module_cfg["sharding_strategy"]
     if strategy not in SHARDING_STRATEGIES:
@@ -70,7 +72,9 @@ def sharding_plan(module_cfg: DictConfig | dict, *, device_type: str, where: str
             f"{where or 'compute_precision'}.sharding_strategy is {strategy!r}, "
             f"must be one of {', '.join(SHARDING_STRATEGIES)}"
         )
-    policy, buffer_dtype = mixed_precision_policy(module_cfg["mixed_precision"], device_type=device_type, where=where)
+    policy, buffer_dtype = mixed_precision_policy(
+        module_cfg["mixed_precision"], device_type=device_type, fp32_on_cpu=fp32_on_cpu, where=where
+    )
     return ShardingPlan(
         replicate=strategy == "NO_SHARD",
         reshard_after_forward=strategy == "FULL_SHARD",

@@ -102,7 +102,9 @@ def shard_ssl_meta_arch(model: nn.Module) -> None:
             if name not in precision[role]:
                 raise ValueError(f"compute_precision.{role} has no entry for '{name}'")
             where = f"compute_precision.{role}.{name}"
-            plans[role] = sharding_plan(precision[role][name], device_type=device_type, where=where)
+            plans[role] = sharding_plan(
+                precision[role][name], device_type=device_type, fp32_on_cpu=precision.fp32_on_cpu, where=where
+            )
         student_plan, teacher_plan = plans["student"], plans["teacher"]
         if student_plan.replicate != teacher_plan.replicate:
             raise ValueError(

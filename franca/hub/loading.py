@@ -17,6 +17,7 @@ import re
 import shutil
 import tarfile
 import tempfile
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -109,7 +110,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
             extracted = extract_checkpoint_parts(path, Path(tmp) / "checkpoint.pth")
             obj = torch.load(extracted, map_location="cpu", weights_only=True)
     else:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # memory-mapped (files in torch's zip format): the ranks of a node reading one file share its pages
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     return _state_dict_of(obj, str(path))
 
 

@@ -13,15 +13,18 @@ Attention itself, ``softmax(q kᵀ / √d_head) v`` per head, has three intercha
   ``BlockDiagonalMask`` (CUDA tensors only);
 * ``"math"``: the explicit softmax product, per crop run (reference path for tests).
 
-The default ``"auto"`` picks xFormers for CUDA tensors when it is importable and ``XFORMERS_DISABLED`` is unset,
-else SDPA. The environment variable ``FRANCA_ATTENTION`` (``auto|sdpa|xformers|math``) sets the default of every
+The default ``"auto"`` picks xFormers for CUDA tensors when it is importable, ``XFORMERS_DISABLED`` is unset and a
+one-time tiny kernel call on that device succeeds (an xFormers wheel built for another torch imports fine and
+fails at its first kernel with "No operator found"); otherwise SDPA, with one warning saying why. The environment variable ``FRANCA_ATTENTION`` (``auto|sdpa|xformers|math``) sets the default of every
 module built without an explicit ``backend``; it is read at call time.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,7 +39,10 @@ ATTENTION_BACKENDS = ("auto", "sdpa", "xformers", "math")
 def _import_xformers_ops():
     try:
         import xformers.ops as xops
-    except ImportError:
+    except ModuleNotFoundError:
+        return None
+    except Exception as error:  # a build for another torch / CUDA can fail to load its extension
+        warnings.warn(f"xformers is installed but does not import ({error}); attention uses SDPA", stacklevel=2)
         return None
     return xops
 
@@ -44,6 +50,30 @@ def _import_xformers_ops():
 def xformers_available() -> bool:
     """True when ``xformers.ops`` imports and the ``XFORMERS_DISABLED`` environment variable is not set."""
     return os.environ.get("XFORMERS_DISABLED") is None and _import_xformers_ops() is not None
+
+
+@functools.cache
+def xformers_failure(device: torch.device) -> str | None:
+    """Why xFormers cannot run on ``device`` (None when it can): unavailable, or a tiny block-diagonal
+    ``memory_efficient_attention`` call there (fp16, two sequences of 2 tokens) raises. Run once per device."""
+    if os.environ.get("XFORMERS_DISABLED") is not None:
+        return "XFORMERS_DISABLED is set"
+    xops = _import_xformers_ops()
+    if xops is None:
+        return "the xformers package is not installed"
+    try:
+        q = torch.zeros(1, 4, 1, 8, device=device, dtype=torch.float16)
+        xops.memory_efficient_attention(q, q, q, attn_bias=_block_diagonal_mask(((2, 2),), device))
+        torch.cuda.synchronize(device)
+    except Exception as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return f"xformers {getattr(xops, '__version__', '')} fails on {device} with torch {torch.__version__}: {first_line}"
+    return None
+
+
+@functools.cache
+def _warn_sdpa_fallback(device: torch.device, reason: str) -> None:
+    warnings.warn(f"attention backend 'auto' uses SDPA on {device}: {reason}", stacklevel=3)
 
 
 def resolve_attention_backend(requested: str | None, device: torch.device) -> str:
@@ -55,12 +85,21 @@ def resolve_attention_backend(requested: str | None, device: torch.device) -> st
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; expected one of {', '.join(ATTENTION_BACKENDS)}")
     if name == "auto":
-        return "xformers" if device.type == "cuda" and xformers_available() else "sdpa"
+        if device.type != "cuda" or not xformers_available():
+            return "sdpa"
+        reason = xformers_failure(device)
+        if reason is not None:
+            _warn_sdpa_fallback(device, reason)
+            return "sdpa"
+        return "xformers"
     if name == "xformers":
         if not xformers_available():
             raise RuntimeError("attention backend 'xformers' needs the xformers package and XFORMERS_DISABLED unset")
         if device.type != "cuda":
             raise ValueError(f"attention backend 'xformers' needs CUDA tensors, got {device.type}; use 'sdpa'")
+        reason = xformers_failure(device)
+        if reason is not None:
+            raise RuntimeError(f"attention backend 'xformers': {reason}; use 'sdpa' or 'auto'")
     return name
 
 
@@ -91,9 +130,12 @@ class TokenLayout:
         parts = x.split([b * n for b, n in self.shapes], dim=0)
         return [p.view(b, n, *x.shape[1:]) for p, (b, n) in zip(parts, self.shapes)]
 
-    @functools.cached_property
+    @property
     def runs(self) -> tuple[tuple[int, int, int, int], ...]:
-        """Maximal runs of consecutive crops with equal token count: ``(first_row, stop_row, samples, N)``."""
+        """Maximal runs of consecutive crops with equal token count: ``(first_row, stop_row, samples, N)``.
+
+        Recomputed at each access (a few integers): ``functools.cached_property`` takes an ``RLock`` on
+        Python < 3.12, which Dynamo cannot trace, a graph break in every compiled block (``train.compile``)."""
         runs: list[list[int]] = []
         row = 0
         for b, n in self.shapes:
@@ -107,9 +149,14 @@ class TokenLayout:
 
 
 @functools.lru_cache(maxsize=64)
-def _block_diagonal_mask(shapes: tuple[tuple[int, int], ...]):
+def _block_diagonal_mask(shapes: tuple[tuple[int, int], ...], device: torch.device):
+    """xFormers' mask of one sequence per sample, its sequence starts built on ``device`` (cached per device:
+    a mask built for one GPU is not reused on another)."""
     seqlens = [n for b, n in shapes for _ in range(b)]
-    return _import_xformers_ops().fmha.BlockDiagonalMask.from_seqlens(seqlens)
+    from_seqlens = _import_xformers_ops().fmha.BlockDiagonalMask.from_seqlens
+    if "device" in inspect.signature(from_seqlens).parameters:
+        return from_seqlens(seqlens, device=device)
+    return from_seqlens(seqlens)  # older xformers: it moves the starts to the device at each call
 
 
 def _per_run(qkv: Tensor, layout: TokenLayout, num_heads: int, attend) -> Tensor:
@@ -135,7 +182,7 @@ def _xformers_attention(qkv: Tensor, layout: TokenLayout, num_heads: int) -> Ten
         q, k, v = qkv.view(samples, n, 3, num_heads, dim // num_heads).unbind(2)
         return xops.memory_efficient_attention(q, k, v).reshape(samples * n, dim)
     q, k, v = qkv.view(1, -1, 3, num_heads, dim // num_heads).unbind(2)
-    out = xops.memory_efficient_attention(q, k, v, attn_bias=_block_diagonal_mask(layout.shapes))
+    out = xops.memory_efficient_attention(q, k, v, attn_bias=_block_diagonal_mask(layout.shapes, qkv.device))
     return out.reshape(-1, dim)
 
 

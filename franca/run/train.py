@@ -4,9 +4,12 @@
 [--cluster slurm|local|debug] [--qos Q --account A --comment C --exclude NODES] [key=value ...]``
 
 Every task of the job runs ``franca.train.train.main`` with ``--config-file F --output-dir D key=value ...``.
-When SLURM announces the end of the time limit or a preemption, submitit calls :meth:`TrainJob.checkpoint`,
-which requeues the same job; the new run finds the newest ``D/model_*.pth`` and resumes from it (the
-trainer's automatic resume), so nothing is lost but the iterations after the last checkpoint.
+When SLURM announces the end of the time limit or a preemption, submitit's signal (``SIGUSR2`` unless
+``SUBMITIT_PREEMPT_SIGNAL`` says otherwise, 120 s ahead) reaches every task while the trainer runs: the
+trainer's own handler takes it, the iteration finishes, the ranks agree, a checkpoint is written on every
+rank's behalf and the trainer returns ``REQUEUE_EXIT_CODE``. Only then is submitit's handler called: on
+rank 0 it asks :meth:`TrainJob.checkpoint` for the requeued submission and requeues the job, whose run
+resumes from that checkpoint (the trainer's automatic resume), so no iteration is lost.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,16 +43,24 @@ class TrainJob:
         self.master_port = master_port
 
     def __call__(self) -> int:
+        from franca.train.preemption import REQUEUE_EXIT_CODE
         from franca.train.train import main as train_main
 
         export_process_group_env(self.master_port)
         status = train_main(self.train_argv)
+        if status == REQUEUE_EXIT_CODE:
+            # saved on a stop signal: hand over to submitit (rank 0 requeues through checkpoint() and exits)
+            preempt_signal = submitit.JobEnvironment._usr_sig()
+            handler = signal.getsignal(preempt_signal)
+            if callable(handler):
+                handler(preempt_signal, None)
+            return status
         if status != 0:
             raise RuntimeError(f"training exited with status {status} (see the task's log for the error line)")
         return status
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
-        """Requeue: the same training, resuming from the last checkpoint of the output directory.
+        """Requeue: the same training, resuming from the checkpoint the trainer wrote on the signal.
 
         ``--no-resume`` is dropped (it would delete the checkpoints of this very run), and a local
         cluster picks a new port (the old one may still be in TIME_WAIT).

@@ -1,6 +1,6 @@
-"""Training checkpoints that survive a kill: atomic writes, keep the last N, automatic resume.
+"""Training checkpoints that survive a kill: atomic writes, keep the last N, automatic resume with fall-back.
 
-A checkpoint ``<save_dir>/model_<iteration:07d>.pth`` holds, for the last *completed* iteration::
+A full-state checkpoint ``<save_dir>/model_<iteration:07d>.pth`` holds, for the last *completed* iteration::
 
     {"iteration": int, "world_size": int, "rng": [per-rank RNG state], <name>: obj.state_dict(), ..., **extra}
 
@@ -16,14 +16,22 @@ during a save leaves at worst a stray temporary file, never a truncated ``model_
 Every rank calls ``state_dict()`` (a sharded engine can gather there), only the main process writes.
 The trainer passes ``franca.fsdp.ModelCheckpointState`` / ``OptimizerCheckpointState``: full tensors
 gathered on rank 0 and optimizer state keyed by parameter name, so a file saved by N ranks resumes on M.
+
+The sharded format (``model_<iteration:07d>.dcp/``, :mod:`franca.train.sharded_checkpoint`) lives in the
+same directory and the same numbering: :func:`list_checkpoints` lists both, and resume takes the newest
+complete one whichever its format. When the newest cannot be read, resume says so in one line and falls
+back to the previous one; old checkpoints are deleted only after a newer one is complete.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 import re
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -35,7 +43,8 @@ from franca.utils.io import TMP_SUFFIX, atomic_save
 
 logger = logging.getLogger("franca")
 
-_CHECKPOINT_RE = re.compile(r"^model_(\d+)\.pth$")
+_CHECKPOINT_RE = re.compile(r"^model_(\d+)\.(pth|dcp)$")
+FULL_SUFFIX, SHARDED_SUFFIX = ".pth", ".dcp"
 
 
 class Stateful(Protocol):
@@ -44,17 +53,70 @@ class Stateful(Protocol):
     def load_state_dict(self, state_dict: dict[str, Any]) -> Any: ...
 
 
-def checkpoint_path(save_dir: str | os.PathLike, iteration: int) -> Path:
-    return Path(save_dir) / f"model_{iteration:07d}.pth"
+def checkpoint_path(save_dir: str | os.PathLike, iteration: int, suffix: str = FULL_SUFFIX) -> Path:
+    return Path(save_dir) / f"model_{iteration:07d}{suffix}"
+
+
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    return Path(path).suffix == SHARDED_SUFFIX
 
 
 def list_checkpoints(save_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints in ``save_dir`` as ``(iteration, path)``, oldest first."""
+    """Complete checkpoints in ``save_dir`` (``.pth`` files, ``.dcp`` directories) as ``(iteration, path)``,
+    oldest first."""
     directory = Path(save_dir)
     if not directory.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _CHECKPOINT_RE.match(p.name))]
+    found = [
+        (int(m.group(1)), p)
+        for p in directory.iterdir()
+        if (m := _CHECKPOINT_RE.match(p.name)) and (p.is_dir() if m.group(2) == "dcp" else p.is_file())
+    ]
     return sorted(found)
+
+
+def remove_checkpoint(path: str | os.PathLike) -> None:
+    """Delete a checkpoint file or sharded directory (nothing when it is gone)."""
+    path = Path(path)
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def prune_checkpoints(save_dir: str | os.PathLike, max_to_keep: int) -> None:
+    """Keep the newest ``max_to_keep`` complete checkpoints; remove stray temporaries of interrupted saves.
+
+    Called right after a save completed, by the main process only.
+    """
+    directory = Path(save_dir)
+    for _, old in list_checkpoints(directory)[:-max_to_keep]:
+        remove_checkpoint(old)
+    for stray in directory.glob(f".model_*{TMP_SUFFIX}"):
+        remove_checkpoint(stray)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+def resume_newest(save_dir: str | os.PathLike, load: Callable[[Path], dict[str, Any]]) -> dict[str, Any] | None:
+    """``load`` the newest complete checkpoint of ``save_dir``; on failure say so and try the previous one.
+
+    Returns None when there is none; re-raises the error of the oldest when none can be read.
+    """
+    checkpoints = list_checkpoints(save_dir)
+    for index in range(len(checkpoints) - 1, -1, -1):
+        path = checkpoints[index][1]
+        try:
+            return load(path)
+        except (OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as error:
+            if index == 0:
+                raise
+            previous = checkpoints[index - 1][1]
+            logger.warning(f"cannot read checkpoint {path} ({_first_line(error)}); falling back to {previous}")
+    return None
 
 
 def latest_checkpoint(save_dir: str | os.PathLike) -> Path | None:
@@ -128,17 +190,14 @@ class Checkpointer:
         path = checkpoint_path(self.save_dir, iteration)
         if distributed.is_main_process():
             atomic_save(data, path)
-            self._prune()
+            prune_checkpoints(self.save_dir, self.max_to_keep)
             logger.info(f"Saved checkpoint {path}")
         if distributed.is_enabled():
             torch.distributed.barrier()
         return path
 
-    def _prune(self) -> None:
-        for _, old in list_checkpoints(self.save_dir)[: -self.max_to_keep]:
-            old.unlink(missing_ok=True)
-        for stray in self.save_dir.glob(f".model_*{TMP_SUFFIX}"):
-            stray.unlink(missing_ok=True)
+    def wait(self) -> None:
+        """Saves are synchronous: nothing to wait for (the interface of the sharded checkpointer)."""
 
     def load(self, path: str | os.PathLike) -> dict[str, Any]:
         """Load ``path`` into the checkpointables; return the other entries (iteration, rng, extras).
@@ -147,6 +206,8 @@ class Checkpointer:
         the caller restores it with ``restore_rng_state`` at the point where the saved run stood.
         """
         path = Path(path)
+        if is_sharded_checkpoint(path) and path.is_dir():
+            raise ValueError(f"{path} is a sharded checkpoint: resume with train.checkpoint_format=dcp")
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint not found: {path}")
         # memory-mapped: the ranks of a node share the file pages instead of each holding a full copy
@@ -157,15 +218,19 @@ class Checkpointer:
         for name, obj in self.checkpointables.items():
             obj.load_state_dict(data[name])
         rest = {k: v for k, v in data.items() if k not in self.checkpointables}
-        rng_states = rest.get("rng") or []
-        rank, world_size = distributed.get_rank(), distributed.get_world_size()
-        rest["rng"] = rng_states[rank] if len(rng_states) == world_size else None
-        if rest["rng"] is None:
-            logger.warning(f"{path} was saved by {len(rng_states)} rank(s), now {world_size}: RNG states not resumed")
-        logger.info(f"Loaded checkpoint {path} (iteration {rest.get('iteration')})")
-        return rest
+        return select_rank_rng(rest, path)
 
     def resume(self) -> dict[str, Any] | None:
-        """Load the newest checkpoint of ``save_dir``; None when there is none."""
-        path = latest_checkpoint(self.save_dir)
-        return None if path is None else self.load(path)
+        """Load the newest readable checkpoint of ``save_dir`` (see :func:`resume_newest`); None when there is none."""
+        return resume_newest(self.save_dir, self.load)
+
+
+def select_rank_rng(rest: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Replace ``rest["rng"]`` (every saved rank's state) by this rank's, or None when the world size changed."""
+    rng_states = rest.get("rng") or []
+    rank, world_size = distributed.get_rank(), distributed.get_world_size()
+    rest["rng"] = rng_states[rank] if len(rng_states) == world_size else None
+    if rest["rng"] is None:
+        logger.warning(f"{path} was saved by {len(rng_states)} rank(s), now {world_size}: RNG states not resumed")
+    logger.info(f"Loaded checkpoint {path} (iteration {rest.get('iteration')})")
+    return rest

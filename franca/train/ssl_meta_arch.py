@@ -41,7 +41,7 @@ from franca.loss import KoLeoLoss, MRLDINOLoss, MRLiBOTPatchLoss
 from franca.loss.levels import as_levels
 from franca.models import build_model_from_cfg
 from franca.utils.param_groups import fuse_params_groups, get_params_groups_with_decay
-from franca.utils.precision import PRECISION_DTYPES
+from franca.utils.precision import PRECISION_DTYPES, device_dtype
 
 logger = logging.getLogger("franca")
 
@@ -114,8 +114,9 @@ class SSLMetaArch(nn.Module):
 
         precision = cfg.compute_precision.student.backbone.mixed_precision.param_dtype
         self.compute_dtype = PRECISION_DTYPES[precision]
-        use_scaler = cfg.compute_precision.grad_scaler and precision == "fp16" and torch.cuda.is_available()
-        self.fp16_scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.fp32_on_cpu = bool(cfg.compute_precision.fp32_on_cpu)
+        # built by prepare_for_distributed_training(), once the model is on its device and sharded
+        self.fp16_scaler: torch.amp.GradScaler | None = None
         logger.info(
             "SSLMetaArch: %s (embed_dim %d), %s heads, %s targets, iBOT head %s",
             cfg.student.arch,
@@ -162,11 +163,27 @@ class SSLMetaArch(nn.Module):
         self.teacher.eval()
         return self
 
+    def _device_compute_dtype(self) -> torch.dtype:
+        """``compute_precision.student.backbone`` dtype on this device (fp32 on CPU with ``fp32_on_cpu``)."""
+        return device_dtype(self.compute_dtype, self.device.type, self.fp32_on_cpu)
+
     def _autocast(self):
-        """Mixed-precision context: ``compute_precision.student.backbone`` dtype on CUDA, none on CPU."""
-        if self.device.type == "cuda" and self.compute_dtype != torch.float32:
-            return torch.autocast("cuda", dtype=self.compute_dtype)
+        """Mixed-precision context: autocast to :meth:`_device_compute_dtype` unless it is fp32."""
+        dtype = self._device_compute_dtype()
+        if dtype != torch.float32:
+            return torch.autocast(self.device.type, dtype=dtype)
         return nullcontext()
+
+    def _build_grad_scaler(self) -> torch.amp.GradScaler | None:
+        """A grad scaler on this device when the student computes in fp16 (``compute_precision.grad_scaler``):
+        FSDP's ``ShardedGradScaler`` with several ranks, so that an inf on one rank skips the step on all."""
+        if not self.cfg.compute_precision.grad_scaler or self._device_compute_dtype() != torch.float16:
+            return None
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            return ShardedGradScaler(self.device.type)
+        return torch.amp.GradScaler(self.device.type)
 
     def _move_batch(self, batch: dict) -> dict:
         """The step's keyword arguments from a collated batch: tensors on the model's device, images in the
@@ -415,13 +432,15 @@ class SSLMetaArch(nn.Module):
             loss.sinkhorn_knopp_teacher = torch.compile(loss.sinkhorn_knopp_teacher)
 
     def prepare_for_distributed_training(self) -> None:
-        """Copy the student into the teacher, compile (``train.compile``: see :meth:`compile_step`), then shard
-        both when a process group with several ranks exists.
+        """Copy the student into the teacher, build the fp16 grad scaler (``fp16_scaler``), compile
+        (``train.compile``: see :meth:`compile_step`), then shard both when a process group with several ranks
+        exists.
 
-        In one process this only re-synchronises the teacher. With several ranks the sharding
+        In one process this only re-synchronises the teacher and builds the scaler. With several ranks the sharding
         is done by ``franca.fsdp.shard_ssl_meta_arch(self)``.
         """
         self.teacher.load_state_dict(self.student.state_dict())
+        self.fp16_scaler = self._build_grad_scaler()
         if self.cfg.train.compile:
             self.compile_step()
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:

@@ -15,16 +15,22 @@ last-layer lr = lr but 0 for the first ``freeze_last_layer_epochs · E`` iterati
 
 Outputs in ``D``: ``config.yaml``, ``log.txt``, ``training_metrics.json`` (JSON lines, every
 ``--log-period`` iterations; also ``tensorboard/`` when TensorBoard is installed),
-``model_<it>.pth`` training checkpoints (every ``saveckp_freq · E`` iterations and at the end, the
-last ``train.checkpoint_keep_last`` kept) and ``eval/training_<it>/teacher_checkpoint.pth``
+training checkpoints (every ``train.checkpoint_period_iterations`` iterations, default ``E`` as the
+official trainer, and at the end, the last ``train.checkpoint_keep_last`` kept): ``model_<it>.pth``
+(``train.checkpoint_format=full``) or ``model_<it>.dcp/`` (``dcp``: sharded, every rank writes, optionally
+asynchronous with ``train.checkpoint_async``); and ``eval/training_<it>/teacher_checkpoint.pth``
 (``{"teacher": state_dict}``, the release format) every ``evaluation.eval_period_iterations``.
-A run resumes from the newest checkpoint in ``D`` unless ``--no-resume``: weights, optimizer, grad
-scaler, iteration, sampler position and every rank's RNG states. On CPU (deterministic algorithms) with
+A run resumes from the newest readable checkpoint in ``D`` unless ``--no-resume``: weights, optimizer,
+grad scaler, iteration, sampler position and every rank's RNG states.
+SIGUSR1 / SIGUSR2 / SIGTERM (SLURM's or submitit's warning): the current iteration finishes, every rank
+agrees (``train.preemption_check_period``), a checkpoint is written and the process exits with status 3
+(``REQUEUE_EXIT_CODE``); the same command resumes exactly. On CPU (deterministic algorithms) with
 ``train.num_workers=0`` the resumed run repeats the uninterrupted one's per-iteration losses exactly;
 with workers it continues at the right sample, with worker RNG streams seeded from (seed, rank, start).
 
 Precision: ``SSLMetaArch`` autocasts to ``compute_precision.student.backbone.mixed_precision.param_dtype``
-on CUDA and owns the fp16 grad scaler (``model.fp16_scaler``, unscaled here before clipping); CPU is fp32.
+on CUDA and owns the fp16 grad scaler (``model.fp16_scaler``, unscaled here before clipping); CPU is fp32
+unless ``compute_precision.fp32_on_cpu=false`` (then CPU autocast and the scaler as on a GPU).
 A NaN/inf loss term stops the run with one line naming the iteration and every term (exit status 1): that
 step changes no student weight (decided on the device, so the host reads the losses only once per iteration,
 after the EMA), nothing more is logged or saved, and the checkpoints already written stay the latest.
@@ -42,6 +48,7 @@ import sys
 import warnings
 import zlib
 from collections.abc import Sequence
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -50,6 +57,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 import franca.distributed as distributed
 from franca import fsdp
@@ -60,8 +68,10 @@ from franca.data.loaders import default_sampler_type, make_data_loader, make_dat
 from franca.data.masking import masking_options
 from franca.data.multicrop import N_GLOBAL_CROPS, MultiCropDistribution
 from franca.logging import MetricLogger, setup_logging
-from franca.train.checkpointing import Checkpointer, list_checkpoints, restore_rng_state
+from franca.train.checkpointing import Checkpointer, list_checkpoints, remove_checkpoint, restore_rng_state
+from franca.train.preemption import REQUEUE_EXIT_CODE, PreemptionHandler, TrainingPreempted
 from franca.train.schedules import CosineScheduler
+from franca.train.sharded_checkpoint import ShardedCheckpointer
 from franca.train.ssl_meta_arch import SSLMetaArch
 from franca.utils.config import apply_scaling_rules_to_cfg, get_cfg_from_args, write_config
 
@@ -88,10 +98,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------- optimisation
 
 
-def build_optimizer(cfg: DictConfig, params_groups: list[dict]) -> torch.optim.AdamW:
-    """AdamW over the student's groups; the fused kernel when every parameter supports it, else foreach."""
+def build_optimizer(
+    cfg: DictConfig, params_groups: list[dict], grad_scaler: torch.amp.GradScaler | None = None
+) -> torch.optim.AdamW:
+    """AdamW over the student's groups; the fused kernel when every parameter supports it, else foreach.
+
+    Not fused when ``grad_scaler`` steps FSDP2 (DTensor) parameters: the scaler hands the fused kernel a
+    plain ``found_inf`` tensor, which does not broadcast against the DTensor step counts (crash at step 1).
+    """
     params = [p for group in params_groups for p in group["params"]]
     fused = all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in params)
+    if grad_scaler is not None and any(isinstance(p, DTensor) for p in params):
+        fused = False
     groups = [{k: v for k, v in group.items() if k not in ("foreach", "fused")} for group in params_groups]
     kernel = {"fused": True} if fused else {"foreach": True}
     return torch.optim.AdamW(groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), **kernel)
@@ -329,7 +347,45 @@ def fix_random_seeds(seed: int) -> None:
 # ---------------------------------------------------------------------------------------------- the loop
 
 
-def _initial_state(cfg: DictConfig, model: SSLMetaArch, checkpointer: Checkpointer, resume: bool) -> dict[str, Any]:
+def build_checkpointer(
+    cfg: DictConfig, model: SSLMetaArch, optimizer: torch.optim.Optimizer | None = None
+) -> Checkpointer | ShardedCheckpointer:
+    """The checkpointer of ``train.checkpoint_format`` in ``train.output_dir`` (model, optimizer, grad scaler).
+
+    Either reads both formats' checkpoints of the directory, where it can: DCP also loads the full-state
+    files of earlier runs.
+    """
+    states = {"model": fsdp.ModelCheckpointState(model)}
+    if optimizer is not None:
+        states.update(optimizer=fsdp.OptimizerCheckpointState(model, optimizer), grad_scaler=model.fp16_scaler)
+    keep = cfg.train.checkpoint_keep_last
+    full = Checkpointer(cfg.train.output_dir, max_to_keep=keep, **states)
+    if cfg.train.checkpoint_format == "full":
+        return full
+    scaler = model.fp16_scaler if optimizer is not None else None
+    return ShardedCheckpointer(
+        cfg.train.output_dir,
+        model,
+        optimizer,
+        scaler,
+        max_to_keep=keep,
+        async_save=cfg.train.checkpoint_async,
+        full_checkpointer=full,
+    )
+
+
+def checkpoint_period(cfg: DictConfig) -> int:
+    """``train.checkpoint_period_iterations``, or ``OFFICIAL_EPOCH_LENGTH`` when null (the official cadence)."""
+    period = cfg.train.checkpoint_period_iterations
+    period = cfg.train.OFFICIAL_EPOCH_LENGTH if period is None else period
+    if not isinstance(period, int) or isinstance(period, bool) or period < 1:
+        raise ValueError(f"train.checkpoint_period_iterations must be null or an integer >= 1, got {period!r}")
+    return period
+
+
+def _initial_state(
+    cfg: DictConfig, model: SSLMetaArch, checkpointer: Checkpointer | ShardedCheckpointer, resume: bool
+) -> dict[str, Any]:
     """Where training starts: a checkpoint of D, else ``MODEL.WEIGHTS``, else scratch / pretrained backbone."""
     if resume and list_checkpoints(checkpointer.save_dir):
         state = checkpointer.resume()
@@ -341,10 +397,11 @@ def _initial_state(cfg: DictConfig, model: SSLMetaArch, checkpointer: Checkpoint
     if not resume and distributed.is_main_process():
         for _, stale in list_checkpoints(checkpointer.save_dir):
             logger.warning(f"--no-resume: removing {stale} of an earlier run")
-            stale.unlink()
+            remove_checkpoint(stale)
     high_res = cfg.train.high_resolution_finetune
     if cfg.MODEL.WEIGHTS:
-        weights = torch.load(cfg.MODEL.WEIGHTS, map_location="cpu", weights_only=True)
+        # memory-mapped: the ranks of a node share the file's pages instead of each holding a copy
+        weights = torch.load(cfg.MODEL.WEIGHTS, map_location="cpu", weights_only=True, mmap=True)
         if "model" not in weights:
             raise KeyError(f"MODEL.WEIGHTS={cfg.MODEL.WEIGHTS} is not a training checkpoint (no 'model' entry)")
         fsdp.load_full_state_dict(model, weights["model"])
@@ -369,26 +426,30 @@ def log_parameter_counts(model: nn.Module) -> str:
     return table
 
 
-def do_train(cfg: DictConfig, model: SSLMetaArch, resume: bool = True, log_period: int = 10) -> dict[str, float]:
-    """Train ``model`` until ``optim.epochs · OFFICIAL_EPOCH_LENGTH`` iterations; return the mean metrics."""
+def do_train(
+    cfg: DictConfig,
+    model: SSLMetaArch,
+    resume: bool = True,
+    log_period: int = 10,
+    stopper: PreemptionHandler | None = None,
+) -> dict[str, float]:
+    """Train ``model`` until ``optim.epochs · OFFICIAL_EPOCH_LENGTH`` iterations; return the mean metrics.
+
+    With an installed ``stopper``, a stop signal ends the run after the current iteration with a checkpoint
+    and raises :class:`TrainingPreempted`.
+    """
     model.train()
     output_dir = Path(cfg.train.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    optimizer = build_optimizer(cfg, model.get_params_groups())
+    optimizer = build_optimizer(cfg, model.get_params_groups(), model.fp16_scaler)
     lr_schedule, wd_schedule, momentum_schedule, teacher_temp_schedule, last_layer_lr_schedule = build_schedulers(cfg)
     epoch_length = cfg.train.OFFICIAL_EPOCH_LENGTH
     max_iter = cfg.optim.epochs * epoch_length
-    checkpoint_period = max(1, cfg.train.saveckp_freq * epoch_length)
+    save_period = checkpoint_period(cfg)
     eval_period = cfg.evaluation.eval_period_iterations
     batch_size = cfg.train.batch_size_per_gpu
 
-    checkpointer = Checkpointer(
-        output_dir,
-        max_to_keep=cfg.train.checkpoint_keep_last,
-        model=fsdp.ModelCheckpointState(model),
-        optimizer=fsdp.OptimizerCheckpointState(model, optimizer),
-        grad_scaler=model.fp16_scaler,
-    )
+    checkpointer = build_checkpointer(cfg, model, optimizer)
     state = _initial_state(cfg, model, checkpointer, resume)
     start_iter = state["start_iter"]
     logger.info(f"Starting training at iteration {start_iter} of {max_iter}")
@@ -407,6 +468,7 @@ def do_train(cfg: DictConfig, model: SSLMetaArch, resume: bool = True, log_perio
     batch_augmentation = build_batch_augmentation(cfg)
     metric_logger = MetricLogger(output_file=str(metrics_path), tensorboard_dir=str(output_dir / "tensorboard"))
     iteration = start_iter
+    stop: TrainingPreempted | None = None
     for batch in metric_logger.log_every(
         batches,
         log_period,
@@ -416,6 +478,9 @@ def do_train(cfg: DictConfig, model: SSLMetaArch, resume: bool = True, log_perio
         dump_freq=log_period,
         samples_per_iteration=batch_size * distributed.get_world_size(),
     ):
+        if stop is not None:  # log_every has now written the metrics of the last iteration
+            metric_logger.close()
+            raise stop
         lr, wd = lr_schedule[iteration], wd_schedule[iteration]
         mom, teacher_temp = momentum_schedule[iteration], teacher_temp_schedule[iteration]
         last_layer_lr = last_layer_lr_schedule[iteration]
@@ -440,10 +505,18 @@ def do_train(cfg: DictConfig, model: SSLMetaArch, resume: bool = True, log_perio
         done = iteration + 1
         if eval_period > 0 and done % eval_period == 0:
             save_teacher_checkpoint(model, output_dir, f"training_{iteration}")
-        if done % checkpoint_period == 0 or done == max_iter:
-            checkpointer.save(iteration, sampler_advance=state["sampler_advance"] + (done - start_iter) * batch_size)
+        advance = state["sampler_advance"] + (done - start_iter) * batch_size
+        saved = done % save_period == 0 or done == max_iter
+        if saved:
+            checkpointer.save(iteration, sampler_advance=advance)
+        if stopper is not None and done < max_iter and stopper.should_stop(iteration):
+            if not saved:
+                checkpointer.save(iteration, sampler_advance=advance)
+            checkpointer.wait()
+            stop = TrainingPreempted(stopper.received, iteration)
         iteration = done
 
+    checkpointer.wait()
     metric_logger.synchronize_between_processes()
     metric_logger.close()
     return {name: meter.global_avg for name, meter in metric_logger.meters.items()}
@@ -467,9 +540,13 @@ def set_cpu_threads(num_workers: int) -> int:
 
 
 def setup(args: argparse.Namespace) -> DictConfig:
-    """Process group, merged + validated config, logging to ``D/log.txt``, seeds, lr scaling, ``D/config.yaml``."""
-    distributed.enable(overwrite=True)
+    """Merged + validated config, process group on ``train.device`` (timeout ``train.dist_timeout_minutes``),
+    logging to ``D/log.txt``, seeds, lr scaling, ``D/config.yaml``."""
     cfg = get_cfg_from_args(args)
+    if cfg.train.dist_timeout_minutes <= 0:
+        raise ValueError(f"train.dist_timeout_minutes must be positive, got {cfg.train.dist_timeout_minutes}")
+    timeout = timedelta(minutes=cfg.train.dist_timeout_minutes)
+    distributed.enable(overwrite=True, device=cfg.train.device, timeout=timeout)
     setup_logging(cfg.train.output_dir, level=logging.INFO)
     fix_random_seeds(cfg.train.seed + distributed.get_rank())
     apply_scaling_rules_to_cfg(cfg, distributed.get_world_size())
@@ -486,7 +563,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--log-period must be >= 1, got {args.log_period}")
     try:
         cfg = setup(args)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = distributed.get_device()
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
         else:
@@ -495,17 +572,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = SSLMetaArch(cfg).to(device)
         model.prepare_for_distributed_training()
         if args.eval_only:
-            checkpointer = Checkpointer(cfg.train.output_dir, model=fsdp.ModelCheckpointState(model))
-            state = checkpointer.resume()
+            state = build_checkpointer(cfg, model).resume()
             if state is None:
                 raise FileNotFoundError(f"--eval-only: no checkpoint in {cfg.train.output_dir}")
             save_teacher_checkpoint(model, cfg.train.output_dir, f"manual_{state['iteration']}")
             return 0
-        do_train(cfg, model, resume=not args.no_resume, log_period=args.log_period)
+        with PreemptionHandler(period=cfg.train.preemption_check_period, device=model.device) as stopper:
+            do_train(cfg, model, resume=not args.no_resume, log_period=args.log_period, stopper=stopper)
         return 0
     except NonFiniteLossError as error:
         logger.error(str(error))
         return 1
+    except TrainingPreempted as stop:
+        logger.warning(str(stop))
+        return REQUEUE_EXIT_CODE
     except (ValueError, KeyError, FileNotFoundError) as error:  # bad config, dataset, checkpoint: one line
         logger.error(f"error: {error.args[0] if error.args else error}")
         return 2

@@ -29,10 +29,12 @@ SCALING_RULES = ("sqrt_wrt_1024", "linear_wrt_256")
 # Keys whose value must be one of a fixed set (checked after merging).
 _CHOICES: dict[str, tuple[str, ...]] = {
     "train.centering": ("sinkhorn_knopp", "centering"),
+    "train.checkpoint_format": ("full", "dcp"),
     "optim.scaling_rule": SCALING_RULES,
     "dino.mrl_projection": ("linear", "slice"),
     "student.ffn_layer": ("mlp", "swiglu", "swiglufused", "identity"),
     "student.attn_backend": ("", "auto", "sdpa", "xformers", "math"),
+    "train.device": ("auto", "cuda", "cpu"),
 }
 _PRECISIONS = ("fp32", "fp16", "bf16")
 

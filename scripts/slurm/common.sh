@@ -9,7 +9,7 @@
 #
 # Every task runs `python -m franca.train.train`; franca.distributed reads the SLURM variables (rank,
 # world size, first node as master, port derived from the job id). A run resumes from the newest
-# checkpoint of FRANCA_OUTPUT_DIR, so the job requeues itself when SLURM signals the end of its time.
+# checkpoint of FRANCA_OUTPUT_DIR, so the job saves and requeues itself when SLURM signals the end of its time.
 set -euo pipefail
 
 : "${CONFIG:?the sbatch script must set CONFIG before sourcing common.sh}"
@@ -26,8 +26,17 @@ cd "$FRANCA_ROOT"
 export PYTHONPATH="$FRANCA_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$FRANCA_OUTPUT_DIR"
 
-# SIGUSR1 comes 300 s before the time limit (#SBATCH --signal=B:USR1@300): requeue, the new job resumes.
-trap 'echo "franca: time limit near, requeuing job ${SLURM_JOB_ID:-?}"; scontrol requeue "${SLURM_JOB_ID}"' USR1
+# SIGUSR1 comes to this batch shell 300 s before the time limit (#SBATCH --signal=B:USR1@300). It is
+# passed on to the training tasks (scancel signals the job's steps, not the batch shell), which finish
+# their iteration, write a checkpoint and exit (status 3); only then is the job requeued (a requeue kills
+# the running tasks), and the new job resumes from that checkpoint.
+requeue=0
+on_usr1() {
+    echo "franca: time limit near: the tasks checkpoint, then job ${SLURM_JOB_ID:-?} is requeued"
+    requeue=1
+    scancel --signal=USR1 "${SLURM_JOB_ID}"
+}
+trap on_usr1 USR1
 
 srun --kill-on-bad-exit=1 "$PYTHON" -m franca.train.train \
     --config-file "$CONFIG" --output-dir "$FRANCA_OUTPUT_DIR" "${overrides[@]}" &
@@ -38,4 +47,7 @@ wait "$srun_pid" || status=$?
 while kill -0 "$srun_pid" 2>/dev/null; do
     wait "$srun_pid" && status=0 || status=$?
 done
+if [[ "$requeue" == 1 ]]; then
+    scontrol requeue "${SLURM_JOB_ID}"
+fi
 exit "$status"
