@@ -10,7 +10,9 @@ Steps (each reusing what an earlier run of the same ``--output-dir`` already fin
 5. a few RASA iterations on the teacher through RASA's Python API (``rasa.train.run_rasa``; patch-position
    probe R² before / after) and the folded checkpoint;
 6. a PCA picture of the teacher's patch features;
-7. a closing summary, also written as ``OUT/summary.json``.
+7. dense evaluations on the shapes' masks (``demo/dense.py``): in-context mIoU of the random init, the
+   teacher and the RASA-folded teacher, and linear-segmentation mIoU of the teacher;
+8. a closing summary, also written as ``OUT/summary.json``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from demo.dense import run_dense_evals
 from franca.configs import CONFIG_DIR
 from franca.data.datasets.demo import write_demo_dataset
 from franca.eval.knn import eval_knn
@@ -180,6 +183,8 @@ def run_demo(
     rasa = _run_rasa(cfg, checkpoint, data_root, out, rasa_iterations)
     pca_dir = out / "pca"
     visualize_pca(teacher, _pca_images(data_root), pca_dir, image_size=4 * size)
+    rasa_teacher = build_model_for_eval(cfg, rasa["rasa_folded_checkpoint"], torch.device("cpu"))
+    dense = run_dense_evals(random_model, teacher, rasa_teacher, data_root, size, out)
 
     summary = {
         "knn_top1_random_init": knn_random,
@@ -187,6 +192,7 @@ def run_demo(
         "knn_k": KNN_K,
         "matryoshka_knn": {dim: per_k[str(KNN_K)]["top-1"] for dim, per_k in matryoshka.items()},
         **rasa,
+        **dense,
         "train_seconds": round(train_seconds, 1),
         "teacher_checkpoint": str(checkpoint),
         "training_metrics": str(train_dir / "training_metrics.json"),
@@ -216,6 +222,11 @@ def _print_summary(summary: dict[str, object], matryoshka: dict) -> None:
         f"RASA: patch-position probe R^2 {summary['rasa_position_r2_before']:.3f} -> "
         f"{summary['rasa_position_r2_after']:.3f} after {summary['rasa_iterations']} iterations",
         "",
+        "in-context (HummingBird) mIoU on the shapes' masks: random init "
+        f"{summary['hummingbird_miou_random_init']:.1f} %  ->  trained {summary['hummingbird_miou_trained']:.1f} %"
+        f"  ->  with RASA {summary['hummingbird_miou_rasa']:.1f} %",
+        f"linear segmentation mIoU of the trained teacher: {summary['linear_seg_miou_trained']:.1f} %",
+        "",
         "artefacts:",
         *(
             f"  {key:<24} {summary[key]}"
@@ -244,10 +255,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--train-per-class", type=int, default=500, help="demo training images per class")
     parser.add_argument("--val-per-class", type=int, default=50, help="demo held-out images per class")
+    parser.add_argument(
+        "--compare", action="store_true", help="train a DINOv2 baseline and Franca with equal budget and compare them"
+    )
     parser.add_argument("opts", nargs="*", help="training config overrides key=value (e.g. optim.epochs=5)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
+        if args.compare:
+            from demo.compare import run_compare  # demo.compare builds on this module
+
+            run_compare(Path(args.output_dir).resolve(), args.opts, args.train_per_class, args.val_per_class)
+            return 0
         run_demo(
             Path(args.output_dir).resolve(),
             args.opts,

@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from demo.run import run_demo
+from demo.compare import run_compare
+from demo.run import _latest_teacher_checkpoint, _run_training, run_demo
+from franca.data.datasets.demo import write_demo_dataset
+from franca.utils.config import load_config_file
 
 SUMMARY_KEYS = {
     "knn_top1_random_init",
@@ -17,7 +20,12 @@ SUMMARY_KEYS = {
     "rasa_position_r2_before",
     "rasa_position_r2_after",
     "train_seconds",
+    "hummingbird_miou_random_init",
+    "hummingbird_miou_trained",
+    "hummingbird_miou_rasa",
+    "linear_seg_miou_trained",
 }
+DENSE_KEYS = sorted(key for key in SUMMARY_KEYS if "miou" in key)
 TINY_RUN = [
     "optim.epochs=1",
     "train.OFFICIAL_EPOCH_LENGTH=4",
@@ -46,6 +54,7 @@ def test_reduced_demo_writes_every_artefact_and_is_idempotent(tmp_path: Path) ->
     assert all(0.0 <= v <= 100.0 for v in summary["matryoshka_knn"].values())
     assert 0.0 <= summary["knn_top1_random_init"] <= 100.0 and 0.0 <= summary["knn_top1_trained"] <= 100.0
     assert summary["rasa_position_r2_after"] < summary["rasa_position_r2_before"]
+    assert all(0.0 < summary[key] <= 100.0 for key in DENSE_KEYS)
     trained_seconds = summary["train_seconds"]
     assert trained_seconds > 0
 
@@ -53,6 +62,7 @@ def test_reduced_demo_writes_every_artefact_and_is_idempotent(tmp_path: Path) ->
     assert again["teacher_checkpoint"] == summary["teacher_checkpoint"]
     assert again["knn_top1_trained"] == summary["knn_top1_trained"]
     assert again["rasa_position_r2_after"] == summary["rasa_position_r2_after"]
+    assert [again[key] for key in DENSE_KEYS] == [summary[key] for key in DENSE_KEYS]
 
 
 @pytest.mark.slow
@@ -64,3 +74,30 @@ def test_full_demo_trained_teacher_beats_random_init(tmp_path: Path) -> None:
     summary = run_demo(tmp_path)
     assert summary["knn_top1_trained"] - summary["knn_top1_random_init"] >= 6.0
     assert summary["rasa_position_r2_after"] < 0.2 * summary["rasa_position_r2_before"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_compare_trains_the_baseline_and_franca_with_equal_budget(tmp_path: Path) -> None:
+    rows = run_compare(tmp_path, TINY_RUN, train_per_class=10, val_per_class=4)
+    assert list(rows) == ["dinov2", "franca"]
+    assert json.loads((tmp_path / "compare.json").read_text()) == rows
+    baseline = load_config_file(str(tmp_path / "dinov2" / "train" / "config.yaml"))
+    franca = load_config_file(str(tmp_path / "franca" / "train" / "config.yaml"))
+    assert not baseline.dino.MRL and not baseline.train.use_block_masking and not baseline.train.roll
+    assert franca.dino.MRL and franca.train.use_inverse_block and franca.train.roll
+    for row in rows.values():
+        assert list(row["knn_top1_per_dim"]) == list(row["hummingbird_miou_per_dim"]) == ["128", "64", "32", "16", "8"]
+        assert all(0.0 < v <= 100.0 for v in row["hummingbird_miou_per_dim"].values())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("separate_head", [True, False])
+@pytest.mark.parametrize("mrl", [True, False])
+@pytest.mark.parametrize("centering", ["sinkhorn_knopp", "centering"])
+def test_every_head_combination_trains(tmp_path: Path, centering: str, mrl: bool, separate_head: bool) -> None:
+    data_root = write_demo_dataset(tmp_path / "data", n_train_per_class=4, n_val_per_class=1, image_size=48)
+    overrides = [*TINY_RUN, f"train.centering={centering}", f"dino.MRL={mrl}", f"ibot.separate_head={separate_head}"]
+    assert _run_training(tmp_path, data_root, overrides) > 0
+    assert _latest_teacher_checkpoint(tmp_path / "train").is_file()

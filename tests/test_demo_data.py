@@ -40,7 +40,7 @@ def test_second_call_with_same_arguments_does_nothing(tmp_path: Path, monkeypatc
     def fail(*args, **kwargs):
         raise AssertionError("images were drawn again")
 
-    monkeypatch.setattr(demo_module, "render_demo_image", fail)
+    monkeypatch.setattr(demo_module, "render_demo_sample", fail)
     assert write_demo_dataset(tmp_path, 2, 1, 24, 0) == root
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before
 
@@ -96,3 +96,20 @@ def test_command_line(tmp_path: Path, capsys):
     assert demo_module.main(args) == 0
     assert "10 classes" in capsys.readouterr().out
     assert len(list((tmp_path / "train").rglob("*.png"))) == len(DEMO_CLASSES)
+
+
+def test_masks_of_the_drawn_shapes_read_as_segfolder(tmp_path: Path):
+    root = write_demo_dataset(tmp_path, 2, 1, 32, 0)
+    for split, per_class in (("train", 2), ("val", 1)):
+        dataset = make_dataset(f"SegFolder:root={root / demo_module.SEGMENTATION_DIR / split}")
+        assert len(dataset) == per_class * len(DEMO_CLASSES)
+        assert dataset.scan_num_classes() == demo_module.NUM_SEGMENTATION_CLASSES
+    dataset = make_dataset(f"SegFolder:root={root / demo_module.SEGMENTATION_DIR / 'train'}")
+    for index in range(len(dataset)):
+        image, mask = dataset[index]
+        class_index = DEMO_CLASSES.index(Path(dataset.pairs[index][0]).parent.name)
+        assert set(mask.unique().tolist()) == {0, class_index + 1}
+        # the shape is bright on dark or dark on bright: the mask separates the two brightness bands
+        brightness = np.asarray(image, dtype=np.float32).mean(axis=2) / 255
+        inside, outside = brightness[mask.numpy() > 0].mean(), brightness[mask.numpy() == 0].mean()
+        assert abs(inside - outside) > 0.15

@@ -6,6 +6,9 @@ Accepted strings::
     ImageNet22k:root=R:extra=E
     LAION:root=DIR                     (webdataset *.tar shards, streamed)
     ImageFolder:root=DIR               (DIR/<class>/<image>)
+    VOC2012:root=R:split=S             (segmentation: images + class masks, see datasets/segmentation.py)
+    ADE20K:root=R:split=S
+    SegFolder:root=DIR                 (DIR/images/<name> with DIR/masks/<name>.png)
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from franca.data.datasets.image_folder import ImageFolder
 from franca.data.datasets.image_net import ImageNet
 from franca.data.datasets.image_net_22k import ImageNet22k
 from franca.data.datasets.laion import LAION
+from franca.data.datasets.segmentation import ADE20K, VOC2012, SegFolder, SegmentationDataset
 from franca.data.samplers import EpochSampler, InfiniteSampler
 
 logger = logging.getLogger(__name__)
@@ -34,6 +38,9 @@ _DATASETS: dict[str, tuple[type, tuple[str, ...]]] = {
     "ImageNet22k": (ImageNet22k, ("root", "extra")),
     "LAION": (LAION, ("root",)),
     "ImageFolder": (ImageFolder, ("root",)),
+    "VOC2012": (VOC2012, ("root", "split")),
+    "ADE20K": (ADE20K, ("root", "split")),
+    "SegFolder": (SegFolder, ("root",)),
 }
 
 
@@ -84,11 +91,24 @@ def parse_dataset_str(dataset_str: str) -> tuple[str, dict[str, str]]:
 
 
 def make_dataset(
-    dataset_str: str, transform: Callable | None = None, target_transform: Callable | None = None
+    dataset_str: str,
+    transform: Callable | None = None,
+    target_transform: Callable | None = None,
+    transforms: Callable | None = None,
 ) -> Dataset:
-    """Build the dataset a string names; items are ``(transform(image), target_transform(int target))``."""
+    """Build the dataset a string names; items are ``(transform(image), target_transform(int target))``.
+
+    ``transforms(image, mask)`` is the paired transform of the segmentation datasets (VOC2012, ADE20K, SegFolder).
+    """
     name, kwargs = parse_dataset_str(dataset_str)
-    dataset = _DATASETS[name][0](transform=transform, target_transform=target_transform, **kwargs)
+    cls = _DATASETS[name][0]
+    if transforms is not None:
+        if not issubclass(cls, SegmentationDataset):
+            raise ValueError(
+                f"dataset {name} has no masks: paired image+mask transforms need VOC2012, ADE20K or SegFolder"
+            )
+        kwargs["transforms"] = transforms
+    dataset = cls(transform=transform, target_transform=target_transform, **kwargs)
     try:
         logger.info("dataset %s: %d samples", dataset_str, len(dataset))
     except TypeError:

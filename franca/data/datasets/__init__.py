@@ -17,6 +17,9 @@ _EXPORTS = {
     "ImageNet": "franca.data.datasets.image_net",
     "ImageNet22k": "franca.data.datasets.image_net_22k",
     "LAION": "franca.data.datasets.laion",
+    "ADE20K": "franca.data.datasets.segmentation",
+    "SegFolder": "franca.data.datasets.segmentation",
+    "VOC2012": "franca.data.datasets.segmentation",
 }
 
 __all__ = sorted(_EXPORTS)

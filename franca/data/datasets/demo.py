@@ -7,7 +7,10 @@ so colour says nothing about the class and a useful representation must encode s
 invariant to the rest, which is what DINO-style augmentations teach. Images are drawn at 4x resolution and box-downsampled (anti-aliased edges).
 
 Layout: ``root/train/<class>/<class>_<n>.png`` and ``root/val/<class>/<class>_<n>.png``, read back with
-``make_dataset("ImageFolder:root=<root>/train")``. ``root/demo_manifest.json`` records the arguments;
+``make_dataset("ImageFolder:root=<root>/train")``. The masks of the drawn shapes go to
+``root/segmentation/<split>/masks/<class>/<class>_<n>.png`` (0 = background, 1 + class index = the shape,
+where its anti-aliased coverage is at least one half) next to ``root/segmentation/<split>/images``, a link to
+``root/<split>``, so ``SegFolder:root=<root>/segmentation/train`` reads images with their masks. ``root/demo_manifest.json`` records the arguments;
 calling :func:`write_demo_dataset` again with the same arguments does nothing. CLI::
 
     python -m franca.data.datasets.demo --root DIR
@@ -30,7 +33,9 @@ DEMO_CLASSES = ("arrow", "circle", "crescent", "cross", "hourglass", "lshape", "
 """Class names, already in sorted order, so class index == position in this tuple."""
 
 MANIFEST_NAME = "demo_manifest.json"
-_FORMAT_VERSION = 2
+SEGMENTATION_DIR = "segmentation"
+NUM_SEGMENTATION_CLASSES = 11  # background + one per shape
+_FORMAT_VERSION = 3
 _COLOUR_GRID = 6
 _SUPERSAMPLE = 4
 _SPLITS = {"train": 0, "val": 1}
@@ -136,18 +141,26 @@ def _colour_field(size: int, bright: bool, rng: np.random.Generator) -> np.ndarr
     return np.asarray(grid_image.resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
 
 
-def render_demo_image(class_name: str, image_size: int, rng: np.random.Generator) -> Image.Image:
-    """One random RGB image of class ``class_name`` (one of :data:`DEMO_CLASSES`).
+def render_demo_sample(class_name: str, image_size: int, rng: np.random.Generator) -> tuple[Image.Image, Image.Image]:
+    """One random RGB image of class ``class_name`` (one of :data:`DEMO_CLASSES`) and its mask (mode L).
 
     The shape is bright on a dark background or the reverse (a coin flip); everything else is random.
+    Mask: ``1 + class index`` where the shape covers at least half of the pixel, 0 elsewhere.
     """
     alpha = _draw_mask(_shape_ops(class_name, rng), image_size, rng)[..., None]
+    mask = np.where(alpha[..., 0] >= 0.5, DEMO_CLASSES.index(class_name) + 1, 0).astype(np.uint8)
     bright_shape = bool(rng.integers(2))
     image = alpha * _colour_field(image_size, bright_shape, rng) + (1 - alpha) * _colour_field(
         image_size, not bright_shape, rng
     )
     image += rng.normal(0, rng.uniform(0.0, 0.04), size=image.shape)
-    return Image.fromarray((np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8), mode="RGB")
+    pixels = Image.fromarray((np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8), mode="RGB")
+    return pixels, Image.fromarray(mask, mode="L")
+
+
+def render_demo_image(class_name: str, image_size: int, rng: np.random.Generator) -> Image.Image:
+    """The image of :func:`render_demo_sample` alone."""
+    return render_demo_sample(class_name, image_size, rng)[0]
 
 
 def _manifest(n_train_per_class: int, n_val_per_class: int, image_size: int, seed: int) -> dict:
@@ -171,9 +184,10 @@ def _read_manifest(root: Path) -> dict | None:
 def _complete(root: Path, manifest: dict) -> bool:
     counts = {"train": manifest["n_train_per_class"], "val": manifest["n_val_per_class"]}
     return all(
-        len(list((root / split / name).glob("*.png"))) == count
+        len(list(folder.glob("*.png"))) == count
         for split, count in counts.items()
         for name in DEMO_CLASSES
+        for folder in (root / split / name, root / SEGMENTATION_DIR / split / "masks" / name)
     )
 
 
@@ -204,16 +218,23 @@ def write_demo_dataset(
     shutil.rmtree(staging, ignore_errors=True)
     counts = {"train": n_train_per_class, "val": n_val_per_class}
     for split, split_id in _SPLITS.items():
+        (staging / SEGMENTATION_DIR / split).mkdir(parents=True)
+        (staging / SEGMENTATION_DIR / split / "images").symlink_to(Path("..", "..", split), target_is_directory=True)
         for class_id, name in enumerate(DEMO_CLASSES):
-            folder = staging / split / name
+            folder, masks = staging / split / name, staging / SEGMENTATION_DIR / split / "masks" / name
             folder.mkdir(parents=True)
+            masks.mkdir(parents=True)
             for n in range(counts[split]):
                 rng = np.random.default_rng([seed, split_id, class_id, n])
-                render_demo_image(name, image_size, rng).save(folder / f"{name}_{n:05d}.png", compress_level=1)
+                image, mask = render_demo_sample(name, image_size, rng)
+                image.save(folder / f"{name}_{n:05d}.png", compress_level=1)
+                mask.save(masks / f"{name}_{n:05d}.png", compress_level=1)
     (root / MANIFEST_NAME).unlink(missing_ok=True)
     for split in _SPLITS:
         shutil.rmtree(root / split, ignore_errors=True)
         (staging / split).rename(root / split)
+    shutil.rmtree(root / SEGMENTATION_DIR, ignore_errors=True)
+    (staging / SEGMENTATION_DIR).rename(root / SEGMENTATION_DIR)
     staging.rmdir()
     (root / MANIFEST_NAME).write_text(json.dumps(wanted, indent=2) + "\n")
     return root
@@ -229,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     root = write_demo_dataset(args.root, args.train_per_class, args.val_per_class, args.image_size, args.seed)
     print(f"demo dataset: {root / 'train'} and {root / 'val'} ({len(DEMO_CLASSES)} classes)")
+    print(f"masks: SegFolder:root={root / SEGMENTATION_DIR / 'train'} (and .../val)")
     return 0
 
 
