@@ -3,6 +3,7 @@
 
     python scripts/benchmark.py [--quick] [--only NAME ...] [--json OUT.json] [--device cpu|cuda]
                                 [--compare-reference DIR [--compare-only W ...] [--repeats N] [--threads N] [--profile]]
+    python scripts/benchmark.py --count-ops [--compare-reference DIR] [--quick] [--json OUT.json]
 
 Every workload module (``benchmarks/<module>.py`` at the repository root, outside the installed package, ``run(quick) -> rows``) runs in its own
 Python process, so the peak memory of a row is that workload's alone. Rows report seconds per call,
@@ -14,6 +15,10 @@ model, cores, load, torch version and threads, GPU, and the matmul ceiling measu
 ``--compare-reference DIR`` also times the same workloads on a checkout of the official
 valeoai/Franca code against ours (see :mod:`benchmarks.compare_reference`) and prints the
 ratios ours / official with their targets.
+
+``--count-ops`` counts instead of timing (:mod:`benchmarks.dispatch`): the ATen operators, the bytes written
+by element-wise operators and the host syncs of one training iteration at the IN21K ViT-B/14 and ViT-L/14
+shapes, per region, next to the official step's when ``--compare-reference DIR`` is given.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ WORKLOADS = {
     "export": "ONNX Runtime vs PyTorch eager latency",
     "interop": "transformers / timm output gap vs ours at non-native image sizes",
     "checkpoint": "training checkpoint save/load, full-state file vs DCP, 2 gloo ranks",
+    "dispatch": "ATen operators, element-wise bytes and host syncs of one iteration (fake tensors, IN21K shapes)",
 }
 DEFAULT_WORKLOADS = ["augment", "backbone", "heads", "step", "rasa"]
 # workload name → module of benchmarks/ (modules are not named after the packages they measure)
@@ -165,6 +171,12 @@ def _print_report(machine: dict, rows: list[dict], compare_rows: list[dict]) -> 
             end="",
         )
     print("\n")
+    counted = [r for r in rows if "region" in r]  # the dispatch workload: counts, not timings
+    rows = [r for r in rows if "region" not in r]
+    if counted:
+        from benchmarks.dispatch import format_table
+
+        print(format_table(counted) + "\n")
     if rows:
         _print_table(
             ["module", "workload", "impl", "seconds", "img/s", "GFLOP/s", "% matmul", "MFU %", "peak MB"],
@@ -246,9 +258,28 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--profile", action="store_true", help="print each comparison side's top torch.profiler operators"
     )
+    parser.add_argument(
+        "--count-ops",
+        action="store_true",
+        help="count the operators, element-wise bytes and host syncs of one iteration (with the official step's "
+        "when --compare-reference is given) instead of timing",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+def _count_ops(args: argparse.Namespace, reference: Path | None) -> int:
+    """``--count-ops``: the dispatch table, ours and (with a reference checkout) official, with the ratios."""
+    from benchmarks import dispatch
+
+    rows = dispatch.run(quick=args.quick, reference=reference)
+    print(dispatch.format_table(rows))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"count_ops": rows}, indent=1, default=float))
+        print(f"\nwrote {args.json}")
+    return 0
 
 
 def _default_device() -> str:
@@ -276,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
             reference = check_reference_dir(args.compare_reference)
         except FileNotFoundError as error:
             sys.exit(f"benchmark.py: error: {error}")
+    if args.count_ops:
+        return _count_ops(args, reference if args.compare_reference is not None else None)
     device = args.device or _default_device()
     if device == "cuda" and _default_device() != "cuda":
         sys.exit("benchmark.py: error: --device cuda but torch sees no CUDA device")

@@ -59,27 +59,25 @@ def test_mrl_head_save_load_round_trip_is_exact(tmp_path, mrl_reference):
     assert all(torch.equal(reloaded[k], mrl_reference["state_dict"][k]) for k in reloaded)
 
 
-def test_weight_norm_linear_matches_torch_weight_norm_forward_and_backward():
+@pytest.mark.parametrize("rows", [7, 64], ids=["scaled-output", "formed-weight"])  # fewer / more rows than in
+def test_weight_norm_linear_matches_torch_weight_norm_forward_and_backward(rows):
     torch.manual_seed(0)
     reference = nn.utils.parametrizations.weight_norm(nn.Linear(16, 40, bias=False))
     with torch.no_grad():
         reference.parametrizations.weight.original0.uniform_(0.5, 1.5)
     ours = WeightNormLinear(16, 40)
     ours.load_state_dict(reference.state_dict(), strict=True)  # newer parametrisation key names
-    x = torch.randn(7, 16)
+    x = torch.randn(rows, 16)
     x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
-    grad_out = torch.randn(7, 40)
+    grad_out = torch.randn(rows, 40)
     (reference(x_ref) * grad_out).sum().backward()
     (ours(x_ours) * grad_out).sum().backward()
     torch.testing.assert_close(ours(x), reference(x), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours.weight, reference.weight, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(
-        ours.weight_g.grad, reference.parametrizations.weight.original0.grad, rtol=1e-5, atol=1e-6
-    )
-    torch.testing.assert_close(
-        ours.weight_v.grad, reference.parametrizations.weight.original1.grad, rtol=1e-5, atol=1e-6
-    )
+    tol = {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, **tol)
+    torch.testing.assert_close(ours.weight_g.grad, reference.parametrizations.weight.original0.grad, **tol)
+    torch.testing.assert_close(ours.weight_v.grad, reference.parametrizations.weight.original1.grad, **tol)
 
 
 def _legacy_weight_norm_linear(in_dim: int, out_dim: int) -> nn.Module:

@@ -120,17 +120,29 @@ def test_inputs_are_cast_and_moved_to_the_model():
 def test_loss_arithmetic_matches_the_official_formulas():
     """Recompute every logged term from the teacher/student outputs with the official normalisation."""
     model = build("train.centering=sinkhorn_knopp")
-    inputs = model._move_batch(make_batch(model.cfg, seed=3))
+    x = model._move_batch(make_batch(model.cfg, seed=3))
     torch.manual_seed(0)
-    teacher = model.get_teacher_output(inputs, teacher_temp=0.06)
-    student = model.get_student_output(inputs)
-    _, losses = model.compute_losses(teacher, student, inputs)
+    teacher = model.get_teacher_output(
+        global_crops=x["global_crops"],
+        mask_indices_list=x["mask_indices_list"],
+        n_masked_patches=x["n_masked_patches"],
+        upperbound=x["upperbound"],
+        teacher_temp=0.06,
+    )
+    student = model.get_student_output(
+        global_crops=x["global_crops"],
+        local_crops=x["local_crops"],
+        masks=x["masks"],
+        mask_indices_list=x["mask_indices_list"],
+        upperbound=x["upperbound"],
+    )
+    _, losses = model.compute_losses(teacher=teacher, student=student, masks=x["masks"], masks_weight=x["masks_weight"])
 
     n_terms = N_LOCAL * 2 + 2
     temp = model.dino_loss.student_temp
     local, glob, ibot = 0.0, 0.0, 0.0
-    masks = inputs["collated_masks"]
-    n_masked = inputs["mask_indices_list"].shape[0]
+    masks = x["masks"]
+    n_masked = x["mask_indices_list"].shape[0]
     for s_local, s_global, t_cls, s_patch, t_patch in zip(
         student["local_cls"], student["global_cls"], teacher["dino"], student["masked_patches"], teacher["ibot"]
     ):
@@ -141,7 +153,7 @@ def test_loss_arithmetic_matches_the_official_formulas():
                 local -= (t * F.log_softmax(s / temp, -1)).sum(-1).mean()
         glob -= (t_cls * F.log_softmax(s_global / temp, -1)).sum(-1).mean()
         per_token = (t_patch * F.log_softmax(s_patch / temp, -1)).sum(-1)
-        ibot -= (per_token * inputs["masks_weight"]).sum() / masks.shape[0]
+        ibot -= (per_token * x["masks_weight"]).sum() / masks.shape[0]
     koleo = sum(KoLeoLoss()(c) for c in student["global_cls_tokens"].chunk(2)) * model.cfg.dino.koleo_loss_weight
     torch.testing.assert_close(losses["dino_local_crops_loss"], local / n_terms)
     torch.testing.assert_close(losses["dino_global_crops_loss"], glob * 2 / n_terms)
@@ -151,12 +163,18 @@ def test_loss_arithmetic_matches_the_official_formulas():
 
 def test_teacher_targets_are_swapped_global_crops():
     model = build()
-    inputs = model._move_batch(make_batch(model.cfg, seed=1))
-    out = model.teacher.backbone.forward_features(inputs["collated_global_crops"])["x_norm_clstoken"]
+    x = model._move_batch(make_batch(model.cfg, seed=1))
+    out = model.teacher.backbone.forward_features(x["global_crops"])["x_norm_clstoken"]
     swapped = torch.cat([out[BATCH:], out[:BATCH]])
     logits = model.teacher.dino_head(swapped)
     expected = model.dino_loss.sinkhorn_knopp_teacher(logits, teacher_temp=0.05, n_global_crops_teacher=2)
-    targets = model.get_teacher_output(inputs, teacher_temp=0.05)["dino"]
+    targets = model.get_teacher_output(
+        global_crops=x["global_crops"],
+        mask_indices_list=x["mask_indices_list"],
+        n_masked_patches=x["n_masked_patches"],
+        upperbound=x["upperbound"],
+        teacher_temp=0.05,
+    )["dino"]
     for got, want in zip(targets, expected):
         torch.testing.assert_close(got, want)
         torch.testing.assert_close(got.sum(-1), torch.ones(2 * BATCH), rtol=1e-4, atol=1e-4)

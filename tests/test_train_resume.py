@@ -150,7 +150,8 @@ def test_cli_outputs_then_nan_stop_keeps_checkpoint(demo_root, tmp_path):
     assert poisoned.returncode == 1
     lines = [line for line in (poisoned.stdout + poisoned.stderr).splitlines() if "non-finite" in line]
     assert len(lines) == 1
-    assert "non-finite loss at iteration 2: dino_local_crops_loss=nan" in lines[0]
+    # which terms overflow first at T = 1e-30 depends on float32 summation order; one of them is NaN
+    assert "non-finite loss at iteration 2: dino_local_crops_loss=" in lines[0] and "=nan" in lines[0]
     assert "Traceback" not in poisoned.stderr
     assert [it for it, _ in list_checkpoints(out)] == [1]
     assert torch.load(out / "model_0000001.pth", weights_only=True)["iteration"] == 1

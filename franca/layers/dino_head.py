@@ -65,9 +65,10 @@ class _WeightNormLinearFunction(torch.autograd.Function):
 class WeightNormLinear(nn.Module):
     """Bias-free weight-normalised linear layer: ``y = (x @ vᵀ) · (g / ‖v‖)`` with ``‖v‖`` the norm of each row.
 
-    The normalised matrix ``g · v / ‖v‖`` is never materialised, in forward or backward (see
-    ``_WeightNormLinearFunction``): the product uses ``v`` directly and the per-prototype scale ``g / ‖v‖``
-    multiplies the (rows × K) output in place. Under autocast the products run in the autocast dtype.
+    For at most ``in_features`` rows the normalised matrix ``g · v / ‖v‖`` is not materialised, in forward or
+    backward (see ``_WeightNormLinearFunction``): the product uses ``v`` directly and the per-prototype scale
+    ``g / ‖v‖`` multiplies the (rows × K) output in place; for more rows the K × in weight is formed (the
+    smaller of the two passes). Under autocast the products run in the autocast dtype.
     ``weight_g`` starts at 1 and ``weight_v`` as an ``nn.Linear`` weight, like ``weight_norm(nn.Linear)``
     followed by ``weight_g.fill_(1)`` in the reference.
     """
@@ -86,6 +87,11 @@ class WeightNormLinear(nn.Module):
         return self.weight_v * (self.weight_g / torch.linalg.vector_norm(self.weight_v, dim=1, keepdim=True))
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x`` (..., in) → (..., K). With more rows than input features the K × in weight ``g · v / ‖v‖`` is
+        the smaller tensor to write (forward and backward), so it is formed, as the reference's weight norm
+        does; with fewer rows the (rows × K) output is scaled instead (see ``_WeightNormLinearFunction``)."""
+        if x.numel() > x.shape[-1] * self.in_features:
+            return F.linear(x, torch._weight_norm(self.weight_v, self.weight_g, 0))  # the fused weight-norm kernel
         return _WeightNormLinearFunction.apply(x, self.weight_v, self.weight_g, _compute_dtype(x))
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:

@@ -25,6 +25,7 @@ with N·b rows. Nothing is communicated unless ``torch.distributed`` is initiali
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -49,6 +50,16 @@ def _all_reduce_levels(vectors: list[Tensor], op: dist.ReduceOp.RedOpType = dist
     return list(flat.split([v.numel() for v in vectors]))
 
 
+@functools.lru_cache(maxsize=32)
+def _level_indicator(sizes: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    """One-hot [ΣK_j, J] bool matrix (row k is True in the column of prototype k's level) and the [ΣK_j] level
+    size K_j of every prototype; built once per level sizes and device (no host sync in the step)."""
+    level_of = torch.tensor([j for j, k in enumerate(sizes) for _ in range(k)])
+    indicator = torch.zeros(len(level_of), len(sizes), dtype=torch.bool).scatter_(1, level_of.unsqueeze(1), True)
+    counts = torch.tensor([float(k) for k in sizes for _ in range(k)])
+    return indicator.to(device), counts.to(device)
+
+
 @torch.no_grad()
 def sinkhorn_knopp(
     logits: Sequence[Tensor],
@@ -60,40 +71,57 @@ def sinkhorn_knopp(
 
     ``n_samples`` is this rank's sample count B_local (summed over ranks to give B); by default the number
     of rows. The logits are not modified.
+
+    Levels with the same row count are processed together: their exponentials sit side by side in one
+    [B_local, ΣK_j] buffer (the returned tensors are its column blocks), and with the one-hot level indicator
+    I [ΣK_j, J] every iteration is two matrix products over all levels, ``Eᵀ V`` [ΣK_j, J] (prototype totals:
+    its entries on each prototype's own level) and ``E (u ⊙ I)`` [B_local, J] (sample totals per level), so
+    the operator count does not grow with the number of levels. The other levels' entries are selected away
+    (not multiplied by 0), so a NaN of one level stays in that level, as with one call per level.
     """
     if n_iterations < 1:
         raise ValueError(f"sinkhorn_knopp: n_iterations must be >= 1, got {n_iterations}")
-    levels = [level.float() for level in logits]
-    if not levels or any(level.ndim != 2 for level in levels):
+    if not logits or any(level.ndim != 2 for level in logits):
         raise ValueError("sinkhorn_knopp: logits must be a non-empty sequence of 2-D (samples × prototypes) tensors")
+    if len({level.shape[0] for level in logits}) > 1:  # levels of different row counts: one call each
+        return tuple(sinkhorn_knopp([level], temperature, n_samples, n_iterations)[0] for level in logits)
     distributed = _distributed()
     world_size = dist.get_world_size() if distributed else 1
-    device = levels[0].device
+    device = logits[0].device
+    rows = logits[0].shape[0]
+    sizes = tuple(level.shape[1] for level in logits)
+    indicator, prototype_counts = _level_indicator(sizes, device)  # [ΣK, J], [ΣK]
 
-    maxima = torch.stack([level.amax() for level in levels])
+    maxima = torch.stack([level.amax() for level in logits]).float()  # [J]
     if distributed:
         dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
     if n_samples is None:
-        totals_b: list[float | Tensor] = [float(level.shape[0] * world_size) for level in levels]
+        totals_b: float | Tensor = float(rows * world_size)
     else:
-        count = torch.as_tensor(n_samples, device=device).sum().to(torch.float32).reshape(1)
+        totals_b = torch.as_tensor(n_samples, device=device).sum().to(torch.float32).reshape(1)
         if distributed:
-            dist.all_reduce(count)
-        totals_b = [count] * len(levels)
+            dist.all_reduce(totals_b)
 
     inv_t = 1.0 / temperature
-    shifts = (maxima * inv_t - _MAX_EXPONENT).clamp_(min=0.0)
-    exps = [torch.add(-shift, level, alpha=inv_t).exp_() for shift, level in zip(shifts, levels)]
-    prototype_scale: list[Tensor] = []
-    sample_scale: list[Tensor | None] = [None] * len(levels)
+    shifts = (maxima * inv_t - _MAX_EXPONENT).clamp_(min=0.0)  # [J]
+    exps = torch.empty(rows, sum(sizes), device=device, dtype=torch.float32)  # E, [B_local, ΣK]
+    blocks = exps.split(sizes, dim=1)
+    for block, level, neg_shift in zip(blocks, logits, shifts.neg_().unbind(0)):
+        torch.add(neg_shift, level, alpha=inv_t, out=block)  # L_j / T - c_j
+    exps.exp_()
+    prototype_scale = exps.new_empty(0)
+    sample_scale: Tensor | None = None  # V, [B_local, J]
     for iteration in range(n_iterations):
-        column_totals = [e.sum(0) if v is None else torch.mv(e.t(), v) for e, v in zip(exps, sample_scale)]
+        if sample_scale is None:
+            column_totals = exps.sum(0)
+        else:
+            column_totals = torch.mm(exps.t(), sample_scale).where(indicator, 0.0).sum(1)  # [ΣK]
         if distributed:
-            column_totals = _all_reduce_levels(column_totals)
-        prototype_scale = [t.mul_(e.shape[1]).clamp_(min=_TINY).reciprocal_() for t, e in zip(column_totals, exps)]
-        last = iteration == n_iterations - 1
-        sample_scale = [
-            (row if last else row.mul_(b)).clamp_(min=_TINY).reciprocal_()
-            for row, b in ((torch.mv(e, u), b) for e, u, b in zip(exps, prototype_scale, totals_b))
-        ]
-    return tuple(e.mul_(u).mul_(v.unsqueeze(1)) for e, u, v in zip(exps, prototype_scale, sample_scale))
+            dist.all_reduce(column_totals)
+        prototype_scale = column_totals.mul_(prototype_counts).clamp_(min=_TINY).reciprocal_()  # u, [ΣK]
+        row_totals = torch.mm(exps, prototype_scale.unsqueeze(1).where(indicator, 0.0))  # [B_local, J]
+        if iteration < n_iterations - 1:
+            row_totals.mul_(totals_b)
+        sample_scale = row_totals.clamp_(min=_TINY).reciprocal_()
+    exps.mul_(prototype_scale)
+    return tuple(block.mul_(v.unsqueeze(1)) for block, v in zip(blocks, sample_scale.unbind(1)))

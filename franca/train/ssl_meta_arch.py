@@ -38,6 +38,7 @@ from franca.data.multicrop import N_GLOBAL_CROPS
 from franca.layers.dino_head import DINOHead
 from franca.layers.mrl_dino_head import MRLDINOHead
 from franca.loss import KoLeoLoss, MRLDINOLoss, MRLiBOTPatchLoss
+from franca.loss.levels import as_levels
 from franca.models import build_model_from_cfg
 from franca.utils.param_groups import fuse_params_groups, get_params_groups_with_decay
 from franca.utils.precision import PRECISION_DTYPES, device_dtype
@@ -45,12 +46,7 @@ from franca.utils.precision import PRECISION_DTYPES, device_dtype
 logger = logging.getLogger("franca")
 
 
-Levels = tuple[Tensor, ...]
-
-
-def _as_levels(head_output: Tensor | tuple | list) -> Levels:
-    """Per-level outputs of a head: a Matryoshka head gives one tensor per level, a plain head one."""
-    return tuple(head_output) if isinstance(head_output, (tuple, list)) else (head_output,)
+Levels = tuple[Tensor, ...]  # one tensor per Matryoshka level, smallest first (a plain head: one level)
 
 
 def _split_levels(levels: Levels, sizes: list[int]) -> list[Levels]:
@@ -190,41 +186,54 @@ class SSLMetaArch(nn.Module):
         return torch.amp.GradScaler(self.device.type)
 
     def _move_batch(self, batch: dict) -> dict:
-        """The batch tensors on the model's device, images in the parameters' dtype."""
+        """The step's keyword arguments from a collated batch: tensors on the model's device, images in the
+        parameters' dtype (names as in :meth:`get_teacher_output` / :meth:`get_student_output`)."""
         device = self.device
         param_dtype = next(self.student.parameters()).dtype
-        images = {
-            key: batch[key].to(device, dtype=param_dtype, non_blocking=True)
-            for key in ("collated_global_crops", "collated_local_crops")
+
+        def move(key: str, **kwargs) -> Tensor:
+            return batch[key].to(device, non_blocking=True, **kwargs)
+
+        return {
+            "global_crops": move("collated_global_crops", dtype=param_dtype),  # [n_global_crops·B, 3, H, W]
+            "local_crops": move("collated_local_crops", dtype=param_dtype),  # [n_local_crops·B, 3, h, w]
+            "masks": move("collated_masks"),  # [n_global_crops·B, N] bool
+            "mask_indices_list": move("mask_indices_list"),  # [M] rows of the flattened patch tokens
+            "masks_weight": move("masks_weight"),  # [M]
+            "n_masked_patches": move("n_masked_patches"),  # [1] (= M, as a tensor)
+            "upperbound": int(batch["upperbound"]),  # U ≥ M, the padded masked-patch row count
         }
-        other = {
-            key: batch[key].to(device, non_blocking=True)
-            for key in ("collated_masks", "mask_indices_list", "masks_weight", "n_masked_patches")
-        }
-        return {**images, **other, "upperbound": int(batch["upperbound"])}
 
     # ------------------------------------------------------------------ the step
 
     @torch.no_grad()
-    def get_teacher_output(self, inputs: dict, teacher_temp: float) -> dict:
-        """Teacher targets: ``dino`` (per level, 2B × K_j, crops swapped) and ``ibot`` (per level, rows × K_j)."""
-        mask_indices = inputs["mask_indices_list"]
-        n_masked = mask_indices.shape[0]
+    def get_teacher_output(
+        self,
+        *,
+        global_crops: Tensor,
+        mask_indices_list: Tensor,
+        n_masked_patches: Tensor,
+        upperbound: int,
+        teacher_temp: float,
+    ) -> dict[str, Levels | None]:
+        """Teacher targets per level: ``dino`` [n_global_crops·B, K_j] (crops swapped) and ``ibot`` [M, K_j]
+        (None without iBOT), float32."""
+        n_masked = mask_indices_list.shape[0]
         with self._autocast():
-            out = self.teacher.backbone.forward_features(inputs["collated_global_crops"])
-            cls_tokens = out["x_norm_clstoken"].chunk(N_GLOBAL_CROPS)
-            cls_tokens = torch.cat(cls_tokens[::-1])
+            out = self.teacher.backbone.forward_features(global_crops)
+            cls_tokens = out["x_norm_clstoken"].chunk(N_GLOBAL_CROPS)  # n_global_crops × [B, D]
+            cls_tokens = torch.cat(cls_tokens[::-1])  # [n_global_crops·B, D], crop 2 first
             n_cls = cls_tokens.shape[0]
             masked_patches = None
             if self.do_ibot:
-                masked_patches = _gather_masked(out["x_norm_patchtokens"], mask_indices, inputs["upperbound"])
+                masked_patches = _gather_masked(out["x_norm_patchtokens"], mask_indices_list, upperbound)  # [U, D]
             if masked_patches is None:
-                dino_logits, ibot_logits = _as_levels(self.teacher.dino_head(cls_tokens)), None
+                dino_logits, ibot_logits = as_levels(self.teacher.dino_head(cls_tokens)), None
             elif self.ibot_separate_head:
-                dino_logits = _as_levels(self.teacher.dino_head(cls_tokens))
-                ibot_logits = _as_levels(self.teacher.ibot_head(masked_patches))
+                dino_logits = as_levels(self.teacher.dino_head(cls_tokens))  # [n_global_crops·B, K_j]
+                ibot_logits = as_levels(self.teacher.ibot_head(masked_patches))  # [U, K_j]
             else:
-                both = _as_levels(self.teacher.dino_head(torch.cat([cls_tokens, masked_patches])))
+                both = as_levels(self.teacher.dino_head(torch.cat([cls_tokens, masked_patches])))
                 dino_logits, ibot_logits = _split_levels(both, [n_cls, masked_patches.shape[0]])
         dino_logits = tuple(t.float() for t in dino_logits)
         if ibot_logits is not None:
@@ -240,7 +249,7 @@ class SSLMetaArch(nn.Module):
                 ibot_targets = self.ibot_patch_loss.sinkhorn_knopp_teacher(
                     tuple(t[:rows] for t in ibot_logits),
                     teacher_temp=teacher_temp,
-                    n_masked_patches_tensor=inputs["n_masked_patches"],
+                    n_masked_patches_tensor=n_masked_patches,
                 )
         else:
             dino_targets = self.dino_loss.softmax_center_teacher(dino_logits, teacher_temp=teacher_temp)
@@ -251,74 +260,86 @@ class SSLMetaArch(nn.Module):
                 ibot_targets = self.ibot_patch_loss.softmax_center_teacher(real, teacher_temp=teacher_temp)
                 self.ibot_patch_loss.update_center(real)
         dino_targets = tuple(dino_targets)
-        ibot_targets = None if ibot_targets is None else tuple(t[:n_masked] for t in ibot_targets)
+        ibot_targets = None if ibot_targets is None else tuple(t[:n_masked] for t in ibot_targets)  # [M, K_j]
         return {"dino": dino_targets, "ibot": ibot_targets}
 
-    def get_student_output(self, inputs: dict) -> dict:
-        """Student head outputs per level: ``local_cls``, ``global_cls``, ``masked_patches``; and ``global_cls_tokens``."""
-        global_crops = inputs["collated_global_crops"]
-        mask_indices = inputs["mask_indices_list"]
-        n_masked = mask_indices.shape[0]
+    def get_student_output(
+        self,
+        *,
+        global_crops: Tensor,
+        local_crops: Tensor,
+        masks: Tensor,
+        mask_indices_list: Tensor,
+        upperbound: int,
+    ) -> dict[str, Levels | Tensor | None]:
+        """Student head outputs per level, float32: ``local_cls`` [n_local_crops·B, K_j], ``global_cls``
+        [n_global_crops·B, K_j], ``masked_patches`` [M, K_j] (None without iBOT); and ``global_cls_tokens``
+        [n_global_crops·B, D] (the backbone's, for KoLeo)."""
+        n_masked = mask_indices_list.shape[0]
         with self._autocast():
             if self.n_local_crops > 0:
                 global_out, local_out = self.student.backbone.forward_features(
-                    [global_crops, inputs["collated_local_crops"]], masks=[inputs["collated_masks"], None]
+                    [global_crops, local_crops], masks=[masks, None]
                 )
                 head_inputs = [local_out["x_norm_clstoken"], global_out["x_norm_clstoken"]]
             else:
-                global_out = self.student.backbone.forward_features(global_crops, masks=inputs["collated_masks"])
+                global_out = self.student.backbone.forward_features(global_crops, masks=masks)
                 head_inputs = [global_out["x_norm_clstoken"][:0], global_out["x_norm_clstoken"]]
             masked_patches = None
             if self.do_ibot:
-                masked_patches = _gather_masked(global_out["x_norm_patchtokens"], mask_indices, inputs["upperbound"])
+                masked_patches = _gather_masked(global_out["x_norm_patchtokens"], mask_indices_list, upperbound)
                 if not self.ibot_separate_head:
-                    head_inputs.append(masked_patches)
+                    head_inputs.append(masked_patches)  # [U, D]
             sizes = [x.shape[0] for x in head_inputs]
-            chunks = _split_levels(_as_levels(self.student.dino_head(torch.cat(head_inputs))), sizes)
+            chunks = _split_levels(as_levels(self.student.dino_head(torch.cat(head_inputs))), sizes)
             if masked_patches is not None and self.ibot_separate_head:
-                chunks.append(_as_levels(self.student.ibot_head(masked_patches)))
-        output = {
+                chunks.append(as_levels(self.student.ibot_head(masked_patches)))  # [U, K_j]
+        return {
             "local_cls": tuple(t.float() for t in chunks[0]),
             "global_cls": tuple(t.float() for t in chunks[1]),
-            "masked_patches": None,
+            "masked_patches": None if masked_patches is None else tuple(t[:n_masked].float() for t in chunks[2]),
             "global_cls_tokens": global_out["x_norm_clstoken"].float(),
         }
-        if masked_patches is not None:
-            output["masked_patches"] = tuple(t[:n_masked].float() for t in chunks[2])
-        return output
 
-    def compute_losses(self, teacher_out: dict, student_out: dict, inputs: dict) -> tuple[Tensor, dict[str, Tensor]]:
-        """The objective to back-propagate and the dict of logged loss terms (see the module docstring)."""
+    def compute_losses(
+        self,
+        *,
+        teacher: dict[str, Levels | None],
+        student: dict[str, Levels | Tensor | None],
+        masks: Tensor,
+        masks_weight: Tensor,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The objective to back-propagate and the dict of logged loss terms (see the module docstring), from
+        :meth:`get_teacher_output`, :meth:`get_student_output`, the iBOT masks [n_global_crops·B, N] and
+        their per-token weights [M]."""
         n_loss_terms = max(self.n_local_crops * N_GLOBAL_CROPS, 1) + N_GLOBAL_CROPS * (N_GLOBAL_CROPS - 1)
-        objective = student_out["global_cls_tokens"].new_zeros(())
+        objective = student["global_cls_tokens"].new_zeros(())
         losses: dict[str, Tensor] = {}
         if self.do_dino:
             if self.n_local_crops > 0:
                 local = self.dino_loss(
-                    student_out["local_cls"],
-                    teacher_out["dino"],
+                    student["local_cls"],
+                    teacher["dino"],
                     n_crops=(self.n_local_crops, N_GLOBAL_CROPS),
                     teacher_global=False,
                 )
                 losses["dino_local_crops_loss"] = local / n_loss_terms
                 objective = objective + self.dino_loss_weight * losses["dino_local_crops_loss"]
-            glob = self.dino_loss(
-                student_out["global_cls"], teacher_out["dino"], n_crops=N_GLOBAL_CROPS, teacher_global=True
-            )
+            glob = self.dino_loss(student["global_cls"], teacher["dino"], n_crops=N_GLOBAL_CROPS, teacher_global=True)
             losses["dino_global_crops_loss"] = glob * N_GLOBAL_CROPS / n_loss_terms
             objective = objective + self.dino_loss_weight * losses["dino_global_crops_loss"]
         if self.do_koleo:
-            crops = student_out["global_cls_tokens"].chunk(N_GLOBAL_CROPS)
+            crops = student["global_cls_tokens"].chunk(N_GLOBAL_CROPS)  # n_global_crops × [B, D]
             koleo = self.koleo_loss_weight * sum(self.koleo_loss(c) for c in crops)
             losses["koleo_loss"] = koleo / N_GLOBAL_CROPS
             objective = objective + koleo
         if self.do_ibot:
             ibot = self.ibot_patch_loss(
-                student_out["masked_patches"],
-                teacher_out["ibot"],
-                student_masks_flat=inputs["collated_masks"],
-                n_masked_patches=inputs["mask_indices_list"].shape[0],
-                masks_weight=inputs["masks_weight"],
+                student["masked_patches"],
+                teacher["ibot"],
+                student_masks_flat=masks,
+                n_masked_patches=masks_weight.shape[0],
+                masks_weight=masks_weight,
             )
             losses["ibot_loss"] = ibot / N_GLOBAL_CROPS
             objective = objective + self.ibot_loss_weight * ibot
@@ -337,10 +358,24 @@ class SSLMetaArch(nn.Module):
         Returns the detached logged terms ``dino_local_crops_loss``, ``dino_global_crops_loss``,
         ``koleo_loss`` and ``ibot_loss`` (a term whose weight is 0 is left out).
         """
-        inputs = self._move_batch(batch)
-        teacher_out = self.get_teacher_output(inputs, teacher_temp)
-        student_out = self.get_student_output(inputs)
-        objective, losses = self.compute_losses(teacher_out, student_out, inputs)
+        x = self._move_batch(batch)
+        teacher = self.get_teacher_output(
+            global_crops=x["global_crops"],
+            mask_indices_list=x["mask_indices_list"],
+            n_masked_patches=x["n_masked_patches"],
+            upperbound=x["upperbound"],
+            teacher_temp=teacher_temp,
+        )
+        student = self.get_student_output(
+            global_crops=x["global_crops"],
+            local_crops=x["local_crops"],
+            masks=x["masks"],
+            mask_indices_list=x["mask_indices_list"],
+            upperbound=x["upperbound"],
+        )
+        objective, losses = self.compute_losses(
+            teacher=teacher, student=student, masks=x["masks"], masks_weight=x["masks_weight"]
+        )
         self.backprop_loss(objective)
         return {name: value.detach() for name, value in losses.items()}
 
@@ -361,10 +396,10 @@ class SSLMetaArch(nn.Module):
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        """EMA of every student parameter into the teacher: ``t ← m·t + (1 − m)·s``."""
+        """EMA of every student parameter into the teacher: ``t ← m·t + (1 − m)·s``, as ``t ← lerp(t, s, 1 − m)``:
+        one foreach pass over all parameters (``m = 0`` copies the student exactly, ``m = 1`` keeps the teacher)."""
         student_params, teacher_params = self._paired_parameters()
-        torch._foreach_mul_(teacher_params, momentum)
-        torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
+        torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)
 
     def get_params_groups(self) -> list[dict]:
         """AdamW parameter groups of the student (see :mod:`franca.utils.param_groups`)."""
@@ -380,9 +415,26 @@ class SSLMetaArch(nn.Module):
             group["foreach"] = True
         return fused
 
+    def compile_step(self) -> None:
+        """``torch.compile`` the step's parts in place (names, checkpoints and FSDP units unchanged): every
+        transformer block of both backbones, the heads, the loss forwards (DINO, iBOT, KoLeo) and the
+        Sinkhorn-Knopp targets, so that the element-wise passes around the products fuse into few kernels.
+        Blocks and heads see fixed shapes (``upperbound``-row iBOT buffers); the losses, whose masked-patch
+        count varies, are compiled for dynamic shapes after their first recompilation."""
+        for net in (self.student, self.teacher):
+            net.backbone.compile_blocks()
+            for key in ("dino_head", "ibot_head"):
+                if key in net:
+                    net[key].compile(dynamic=False)
+        for loss in (self.dino_loss, self.ibot_patch_loss, self.koleo_loss):
+            loss.compile()
+        for loss in (self.dino_loss, self.ibot_patch_loss):
+            loss.sinkhorn_knopp_teacher = torch.compile(loss.sinkhorn_knopp_teacher)
+
     def prepare_for_distributed_training(self) -> None:
-        """Copy the student into the teacher, build the fp16 grad scaler (``fp16_scaler``), compile the blocks
-        (``train.compile``), then shard both when a process group with several ranks exists.
+        """Copy the student into the teacher, build the fp16 grad scaler (``fp16_scaler``), compile
+        (``train.compile``: see :meth:`compile_step`), then shard both when a process group with several ranks
+        exists.
 
         In one process this only re-synchronises the teacher and builds the scaler. With several ranks the sharding
         is done by ``franca.fsdp.shard_ssl_meta_arch(self)``.
@@ -390,12 +442,9 @@ class SSLMetaArch(nn.Module):
         self.teacher.load_state_dict(self.student.state_dict())
         self.fp16_scaler = self._build_grad_scaler()
         if self.cfg.train.compile:
-            self.student.backbone.compile_blocks()
-            self.teacher.backbone.compile_blocks()
+            self.compile_step()
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
         from franca import fsdp
 
-        if not hasattr(fsdp, "shard_ssl_meta_arch"):
-            raise RuntimeError("multi-process training needs franca.fsdp.shard_ssl_meta_arch, which is not available")
         fsdp.shard_ssl_meta_arch(self)

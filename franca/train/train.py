@@ -3,8 +3,8 @@
 One iteration, in the order of the code below::
 
     sampler → dataset (decode) → DataAugmentationDINO → collate_data_and_cast (CyclicMask)
-      → SSLMetaArch.forward_backward → finite-loss check → clip → optimizer step → EMA teacher
-      → metrics → teacher export / checkpoint
+      → SSLMetaArch.forward_backward → clip → optimizer step (skipped on a non-finite loss) → EMA teacher
+      → losses read (the one host sync) → metrics → teacher export / checkpoint
 
 Schedules (indexed by iteration, ``E = train.OFFICIAL_EPOCH_LENGTH``, ``T = optim.epochs · E``):
 lr cosine from ``optim.lr`` (after the scaling rule) to ``optim.min_lr`` after ``warmup_epochs · E``
@@ -31,8 +31,9 @@ with workers it continues at the right sample, with worker RNG streams seeded fr
 Precision: ``SSLMetaArch`` autocasts to ``compute_precision.student.backbone.mixed_precision.param_dtype``
 on CUDA and owns the fp16 grad scaler (``model.fp16_scaler``, unscaled here before clipping); CPU is fp32
 unless ``compute_precision.fp32_on_cpu=false`` (then CPU autocast and the scaler as on a GPU).
-A NaN/inf loss term stops the run before the optimizer step with one line naming the iteration and
-every term (exit status 1); the checkpoints already written stay the latest.
+A NaN/inf loss term stops the run with one line naming the iteration and every term (exit status 1): that
+step changes no student weight (decided on the device, so the host reads the losses only once per iteration,
+after the EMA), nothing more is logged or saved, and the checkpoints already written stay the latest.
 """
 
 from __future__ import annotations
@@ -153,27 +154,45 @@ def apply_optim_scheduler(optimizer: torch.optim.Optimizer, lr: float, wd: float
 def clip_gradients(model: SSLMetaArch, max_norm: float) -> None:
     """Clip the gradient norm of each student part (backbone, dino_head, ibot_head) separately.
 
-    With FSDP the gradients are DTensor shards and ``clip_grad_norm_`` reduces the norm across ranks:
-    the total norm is that of the full gradient (checked against one process in ``tests/test_fsdp.py``).
+    Per part: ``g ← g · min(1, max_norm / (‖g‖₂ + 1e-6))`` with ``‖g‖₂`` over all of the part's gradients, in
+    foreach kernels (one norm and one scaling over all tensors of a part) and without a host sync. With FSDP
+    the gradients are DTensor shards and the norm is reduced across ranks: the total norm is that of the
+    full gradient (checked against one process in ``tests/test_fsdp.py``).
     """
     for part in model.student.values():
-        torch.nn.utils.clip_grad_norm_(part.parameters(), max_norm)
+        params = [p for p in part.parameters() if p.grad is not None]
+        if params:
+            torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=params[0].device.type in ("cpu", "cuda"))
 
 
-def reduce_losses(loss_dict: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Mean of each loss term over ranks, as floats (one all-reduce for all terms)."""
-    names = list(loss_dict)
-    values = torch.stack([loss_dict[name].detach().float() for name in names])
+def _stacked_losses(loss_dict: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The loss terms as one float32 vector [n_terms], averaged over ranks (an all-reduce on the device)."""
+    values = torch.stack([value.detach().float() for value in loss_dict.values()])
     if distributed.is_enabled() and distributed.get_world_size() > 1:
         torch.distributed.all_reduce(values)
         values /= distributed.get_world_size()
-    return dict(zip(names, values.tolist()))
+    return values
+
+
+def reduce_losses(loss_dict: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Mean of each loss term over ranks, as floats (one all-reduce for all terms; one host sync)."""
+    return dict(zip(loss_dict, _stacked_losses(loss_dict).tolist()))
 
 
 def check_finite(iteration: int, losses: dict[str, float]) -> None:
     if not all(math.isfinite(v) for v in losses.values()):
         terms = ", ".join(f"{name}={value:.6g}" for name, value in losses.items())
         raise NonFiniteLossError(f"non-finite loss at iteration {iteration}: {terms}; stopping")
+
+
+def _step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """``optimizer.step()`` unless the 0-d ``skip`` is 1, decided on the device: the fused AdamW kernel reads it
+    (``found_inf``, as the grad scaler passes it) and leaves parameters, moments and step counts unchanged."""
+    optimizer.found_inf = skip
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
 
 
 def training_step(
@@ -186,11 +205,27 @@ def training_step(
     momentum: float,
     clip_grad: float,
 ) -> dict[str, float]:
-    """forward_backward → finite check (before any weight changes) → clip → step → EMA; returns the losses."""
+    """forward_backward → clip → step → EMA → the logged losses; a non-finite loss raises NonFiniteLossError.
+
+    A step whose (rank-averaged) losses are not all finite changes no student weight. With the fused AdamW and
+    no grad scaler that is decided on the device, and the host waits only once, after the EMA, to read the
+    losses for logging; otherwise (the fp16 grad scaler, whose step reads its inf flag on the host anyway, or
+    a non-fused optimizer) the losses are read before the step.
+    """
     optimizer.zero_grad(set_to_none=True)
-    losses = reduce_losses(model.forward_backward(batch, teacher_temp=teacher_temp))
-    check_finite(iteration, losses)
+    loss_dict = model.forward_backward(batch, teacher_temp=teacher_temp)
     scaler = model.fp16_scaler
+    if scaler is None and all(group.get("fused") for group in optimizer.param_groups):
+        values = _stacked_losses(loss_dict)
+        if clip_grad:
+            clip_gradients(model, clip_grad)
+        _step_unless(optimizer, (~torch.isfinite(values).all()).float())
+        model.update_teacher(momentum)
+        losses = dict(zip(loss_dict, values.tolist()))
+        check_finite(iteration, losses)
+        return losses
+    losses = reduce_losses(loss_dict)
+    check_finite(iteration, losses)
     if scaler is not None:
         if clip_grad:
             scaler.unscale_(optimizer)
