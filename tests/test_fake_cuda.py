@@ -63,24 +63,8 @@ def test_teacher_and_student_forward_stay_on_the_cuda_device(setting):
 
 
 def _forward_step(model: SSLMetaArch, batch: dict) -> None:
-    x = model._move_batch(batch)
-    teacher = model.get_teacher_output(
-        global_crops=x["global_crops"],
-        mask_indices_list=x["mask_indices_list"],
-        n_masked_patches=x["n_masked_patches"],
-        upperbound=x["upperbound"],
-        teacher_temp=0.05,
-    )
-    student = model.get_student_output(
-        global_crops=x["global_crops"],
-        local_crops=x["local_crops"],
-        masks=x["masks"],
-        mask_indices_list=x["mask_indices_list"],
-        upperbound=x["upperbound"],
-    )
-    objective, losses = model.compute_losses(
-        teacher=teacher, student=student, masks=x["masks"], masks_weight=x["masks_weight"]
-    )
+    step = model.forward_step(batch, teacher_temp=0.05)
+    teacher, student, objective, losses = step.teacher, step.student, step.objective, step.losses
     assert _on_fake_cuda([objective, *losses.values(), *teacher["dino"], *student["global_cls"]])
     if teacher["ibot"] is not None:
         assert _on_fake_cuda([*teacher["ibot"], *student["masked_patches"]])

@@ -120,23 +120,10 @@ def test_inputs_are_cast_and_moved_to_the_model():
 def test_loss_arithmetic_matches_the_official_formulas():
     """Recompute every logged term from the teacher/student outputs with the official normalisation."""
     model = build("train.centering=sinkhorn_knopp")
-    x = model._move_batch(make_batch(model.cfg, seed=3))
+    batch = make_batch(model.cfg, seed=3)
     torch.manual_seed(0)
-    teacher = model.get_teacher_output(
-        global_crops=x["global_crops"],
-        mask_indices_list=x["mask_indices_list"],
-        n_masked_patches=x["n_masked_patches"],
-        upperbound=x["upperbound"],
-        teacher_temp=0.06,
-    )
-    student = model.get_student_output(
-        global_crops=x["global_crops"],
-        local_crops=x["local_crops"],
-        masks=x["masks"],
-        mask_indices_list=x["mask_indices_list"],
-        upperbound=x["upperbound"],
-    )
-    _, losses = model.compute_losses(teacher=teacher, student=student, masks=x["masks"], masks_weight=x["masks_weight"])
+    step = model.forward_step(batch, teacher_temp=0.06)
+    x, teacher, student, losses = step.inputs, step.teacher, step.student, step.losses
 
     n_terms = N_LOCAL * 2 + 2
     temp = model.dino_loss.student_temp

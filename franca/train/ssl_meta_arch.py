@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -61,6 +61,17 @@ def _gather_masked(patch_tokens: Tensor, mask_indices: Tensor, upperbound: int) 
     buffer = patch_tokens.new_zeros(max(upperbound, n_masked), patch_tokens.shape[-1])
     buffer[:n_masked] = torch.index_select(patch_tokens.flatten(0, 1), 0, mask_indices)
     return buffer
+
+
+class StepOutputs(NamedTuple):
+    """What :meth:`SSLMetaArch.forward_step` computed: the step's inputs on the device (:meth:`_move_batch`),
+    the teacher targets, the student outputs, the objective to backpropagate and the logged loss terms."""
+
+    inputs: dict[str, Any]
+    teacher: dict[str, Any]
+    student: dict[str, Any]
+    objective: Tensor
+    losses: dict[str, Tensor]
 
 
 class SSLMetaArch(nn.Module):
@@ -358,6 +369,13 @@ class SSLMetaArch(nn.Module):
         Returns the detached logged terms ``dino_local_crops_loss``, ``dino_global_crops_loss``,
         ``koleo_loss`` and ``ibot_loss`` (a term whose weight is 0 is left out).
         """
+        step = self.forward_step(batch, teacher_temp=teacher_temp)
+        self.backprop_loss(step.objective)
+        return {name: value.detach() for name, value in step.losses.items()}
+
+    def forward_step(self, batch: dict, teacher_temp: float) -> StepOutputs:
+        """The forward half of :meth:`forward_backward`: the batch on the device, the teacher targets, the
+        student outputs, the weighted objective and the logged terms (not detached, nothing backpropagated)."""
         x = self._move_batch(batch)
         teacher = self.get_teacher_output(
             global_crops=x["global_crops"],
@@ -376,8 +394,7 @@ class SSLMetaArch(nn.Module):
         objective, losses = self.compute_losses(
             teacher=teacher, student=student, masks=x["masks"], masks_weight=x["masks_weight"]
         )
-        self.backprop_loss(objective)
-        return {name: value.detach() for name, value in losses.items()}
+        return StepOutputs(inputs=x, teacher=teacher, student=student, objective=objective, losses=losses)
 
     # ------------------------------------------------------------------ teacher, optimizer, distribution
 
