@@ -41,7 +41,7 @@ from franca.eval.features import extract_features
 from franca.eval.metrics import TopkAccuracy
 from franca.eval.setup import get_args_parser as get_setup_args_parser
 from franca.eval.setup import get_dataset_args_parser, make_eval_dataset, setup_and_build_model
-from franca.eval.utils import check_same_classes, check_val_labels, write_json
+from franca.eval.utils import average_gradients, check_same_classes, check_val_labels, write_json
 from franca.utils.cli import run_cli
 from franca.utils.io import atomic_save
 
@@ -112,18 +112,6 @@ def build_classifier_grid(
     return classifiers, groups
 
 
-def _average_gradients(params: Sequence[nn.Parameter]) -> None:
-    """Mean of the gradients over ranks, in one collective over a flat buffer."""
-    grads = [p.grad for p in params]
-    flat = torch.cat([g.flatten() for g in grads])
-    torch.distributed.all_reduce(flat)
-    flat /= distributed.get_world_size()
-    offset = 0
-    for grad in grads:
-        grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
-        offset += grad.numel()
-
-
 def _train_one_epoch(
     classifiers: nn.ModuleDict,
     optimizer: torch.optim.Optimizer,
@@ -145,8 +133,7 @@ def _train_one_epoch(
         loss = sum(F.cross_entropy(head(x), y) for head in classifiers.values())
         optimizer.zero_grad(set_to_none=False)
         loss.backward()
-        if distributed.is_enabled() and distributed.get_world_size() > 1:
-            _average_gradients(params)
+        average_gradients(params)
         optimizer.step()
         scheduler.step()
         total += loss.item()

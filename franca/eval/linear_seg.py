@@ -41,11 +41,10 @@ from franca.eval.dense import (
 )
 from franca.eval.features import shard_indices
 from franca.eval.hummingbird import make_segmentation_datasets, resolve_num_classes
-from franca.eval.linear import _average_gradients
 from franca.eval.seg_metrics import IGNORE_INDEX, SegmentationMeter
 from franca.eval.setup import get_args_parser as get_setup_args_parser
 from franca.eval.setup import get_dataset_args_parser, setup_and_build_model
-from franca.eval.utils import write_json
+from franca.eval.utils import average_gradients, write_json
 from franca.utils.cli import run_cli
 from franca.utils.io import atomic_save
 
@@ -160,8 +159,7 @@ def run_linear_seg(
             loss = sum(segmentation_loss(head(features), masks) for head in heads.values())
             optimizer.zero_grad(set_to_none=False)
             loss.backward()
-            if distributed.is_enabled() and distributed.get_world_size() > 1:
-                _average_gradients(params)
+            average_gradients(params)
             optimizer.step()
             scheduler.step()
             total += loss.item()

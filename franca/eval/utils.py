@@ -1,13 +1,18 @@
-"""Checks and files shared by the evaluations: train/val class agreement, results JSON."""
+"""Checks, files and collectives shared by the evaluations: train/val class agreement, results JSON, the
+gradient mean of the trained heads."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.utils.data import Dataset
+
+from franca import distributed
 
 
 def _class_names(dataset: Dataset) -> list[str] | None:
@@ -50,3 +55,17 @@ def write_json(path: str | os.PathLike, payload: dict) -> Path:
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def average_gradients(params: Sequence[nn.Parameter]) -> None:
+    """Replace each gradient by its mean over ranks, in one collective over a flat buffer (no-op in one process)."""
+    if not (distributed.is_enabled() and distributed.get_world_size() > 1):
+        return
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= distributed.get_world_size()
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
