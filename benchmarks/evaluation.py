@@ -25,7 +25,7 @@ from torch.utils.data import TensorDataset
 from benchmarks.backbone import vit_forward_flops
 from benchmarks.common import median, peak_memory_mb, time_fn
 from franca.eval.features import extract_features
-from franca.eval.knn import _faiss_module, knn_classify
+from franca.eval.knn import faiss_module, knn_classify
 from franca.models.vision_transformer import DinoVisionTransformer, vit_small
 
 NB_KNN = (10, 20, 100, 200)
@@ -98,7 +98,7 @@ def bench_knn(quick: bool, device: str, backend: str) -> dict:
 def run(quick: bool = False, device: str | None = None) -> list[dict]:
     """All evaluation workloads on ``device`` (default: the CPU)."""
     device = device or "cpu"
-    backends = ["torch"] + (["faiss"] if _faiss_module(on_gpu=device.startswith("cuda")) is not None else [])
+    backends = ["torch"] + (["faiss"] if faiss_module(on_gpu=device.startswith("cuda")) is not None else [])
     return [bench_extraction(quick, device), *(bench_knn(quick, device, b) for b in backends)]
 
 

@@ -50,7 +50,7 @@ from franca.data.segmentation_transforms import (
 )
 from franca.eval.dense import PatchFeatures, apply_rasa_head, autocast, get_dense_args_parser, resolve_dims
 from franca.eval.features import shard_indices
-from franca.eval.knn import search_neighbors
+from franca.eval.knn import faiss_index, faiss_module, faiss_search, search_neighbors
 from franca.eval.seg_metrics import IGNORE_INDEX, SegmentationMeter
 from franca.eval.setup import get_args_parser as get_setup_args_parser
 from franca.eval.setup import get_dataset_args_parser, setup_and_build_model
@@ -153,23 +153,16 @@ class MemoryIndex:
 
     def __init__(self, keys: torch.Tensor, backend: str = "auto") -> None:
         self.keys = keys.contiguous()
-        self.index = None
         self.backend = backend
-        if backend in ("auto", "faiss"):
-            try:
-                import faiss
-            except ImportError:
-                if backend == "faiss":
-                    raise ValueError("--backend faiss asked but faiss is not installed") from None
-            else:
-                self.index = faiss.IndexFlatIP(keys.shape[1])
-                self.index.add(self.keys.float().numpy())
+        faiss = faiss_module(on_gpu=False) if backend in ("auto", "faiss") else None
+        if backend == "faiss" and faiss is None:
+            raise ValueError("--backend faiss asked but faiss is not installed")
+        self.index = faiss_index(faiss, self.keys) if faiss is not None else None
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Similarities and indices (Q, k) of each query's k nearest keys."""
         if self.index is not None:
-            sims, idx = self.index.search(queries.float().contiguous().numpy(), k)
-            return torch.from_numpy(sims), torch.from_numpy(idx).long()
+            return faiss_search(self.index, queries, k)
         return search_neighbors(queries, self.keys, k, backend="torch")
 
 

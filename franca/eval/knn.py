@@ -39,7 +39,7 @@ RESULTS_FILENAME = "results_eval_knn.json"
 BACKENDS = ("auto", "torch", "faiss")
 
 
-def _faiss_module(on_gpu: bool):
+def faiss_module(on_gpu: bool):
     """faiss when installed (with GPU support when ``on_gpu``), else None."""
     try:
         import faiss
@@ -50,11 +50,17 @@ def _faiss_module(on_gpu: bool):
     return faiss
 
 
-def _search_faiss(faiss, queries: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def faiss_index(faiss, keys: torch.Tensor):
+    """An exact inner-product index (``IndexFlatIP``) over the keys (N, D), on the keys' GPU with faiss-gpu."""
     index = faiss.IndexFlatIP(keys.shape[1])
     if keys.device.type == "cuda":
         index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), keys.device.index or 0, index)
     index.add(keys.float().cpu().contiguous().numpy())
+    return index
+
+
+def faiss_search(index, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Similarities and indices (Q, k) of each query's ``k`` nearest keys in ``index``, on the queries' device."""
     sims, idx = index.search(queries.float().cpu().contiguous().numpy(), k)
     return torch.from_numpy(sims).to(queries.device), torch.from_numpy(idx).long().to(queries.device)
 
@@ -84,11 +90,11 @@ def search_neighbors(
         raise ValueError(f"unknown k-NN backend {backend!r}: expected one of {BACKENDS}")
     if not 1 <= k <= len(keys):
         raise ValueError(f"k={k} nearest neighbours asked but there are {len(keys)} training samples")
-    faiss = _faiss_module(on_gpu=keys.device.type == "cuda") if backend != "torch" else None
+    faiss = faiss_module(on_gpu=keys.device.type == "cuda") if backend != "torch" else None
     if backend == "faiss" and faiss is None:
         raise ValueError("k-NN backend 'faiss' asked but faiss (faiss-gpu for GPU features) is not installed")
     if faiss is not None:
-        return _search_faiss(faiss, queries, keys, k)
+        return faiss_search(faiss_index(faiss, keys), queries, k)
     return _search_torch(queries, keys, k, chunk_size)
 
 
