@@ -76,7 +76,7 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _machine(device: str) -> dict:
+def machine_info(device: str) -> dict:
     """Machine description and the measured matmul ceiling (run inside a worker: imports torch)."""
     import torch
 
@@ -109,7 +109,7 @@ def _machine(device: str) -> dict:
 def _worker(name: str, quick: bool, device: str, out: Path) -> None:
     """Child-process entry: the machine description or one workload module's rows, written to ``out``."""
     if name == "machine":
-        result = _machine(device)
+        result = machine_info(device)
     else:
         result = importlib.import_module(f"benchmarks.{MODULES.get(name, name)}").run(quick=quick)
     out.write_text(json.dumps(result, default=float))

@@ -35,7 +35,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "scripts")]
 
 import torch  # noqa: E402
-from benchmark import _machine  # noqa: E402  (scripts/benchmark.py: the machine header of every figure)
+from benchmark import machine_info  # noqa: E402  (scripts/benchmark.py: the machine header of every figure)
 
 from benchmarks.common import median, peak_memory_mb, synchronize, time_fn  # noqa: E402
 from benchmarks.step import step_flops  # noqa: E402
@@ -343,7 +343,7 @@ CHECK_FUNCTIONS: dict[str, Callable[[Sizes], list[dict]]] = {
 
 def machine(sizes: Sizes) -> dict:
     """What the figures were measured on (date, CPU, GPU, torch and CUDA versions)."""
-    info = _machine(sizes.device)
+    info = machine_info(sizes.device)
     info["torch_cuda"] = torch.version.cuda
     return info
 
