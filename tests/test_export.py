@@ -9,14 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import load_reference
+from tiny_backbones import random_rasa_head, tiny_vit
 
 import franca.export.__main__ as cli
 from franca.export import ExportableBackbone, ExportedRunner, OnnxRunner, VerificationError, export_backbone
 from franca.export.interpolation import interpolate_pos_embed
 from franca.export.onnx_export import _gather_external_data
-from franca.models.vision_transformer import DinoVisionTransformer
 from rasa.fold import fold, save_folded_backbone
-from rasa.src.rasa_head import RASAHead
 
 # The reference fixture's architecture: the release settings (--arch, HUB_BACKBONE_CONFIG) narrowed to 64 wide.
 TINY_ARGS = ["--model-arg", "embed_dim=64", "--model-arg", "depth=4", "--model-arg", "num_heads=2"]
@@ -28,30 +27,6 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-4) -> N
     assert (actual - expected).abs().max().item() <= tol * expected.abs().max().item()
 
 
-def _tiny(seed: int = 0, **kwargs) -> DinoVisionTransformer:
-    """A randomly initialised tiny ViT with non-trivial position embedding, norm and LayerScale."""
-    torch.manual_seed(seed)
-    settings = dict(img_size=56, patch_size=14, embed_dim=64, depth=2, num_heads=2, init_values=1.0, block_chunks=0)
-    model = DinoVisionTransformer(**{**settings, **kwargs})
-    with torch.no_grad():
-        model.pos_embed.normal_()
-        model.cls_token.normal_()
-        if model.register_tokens is not None:
-            model.register_tokens.normal_()
-        model.norm.weight.uniform_(0.5, 1.5)
-        model.norm.bias.normal_(0, 0.5)
-    return model.eval()
-
-
-def _random_head(dim: int, n_layers: int) -> RASAHead:
-    torch.manual_seed(1)
-    head = RASAHead(dim, n_layers)
-    with torch.no_grad():
-        for parameter in head.parameters():
-            parameter.normal_(0, dim**-0.5)
-    return head
-
-
 def _save_teacher(model: torch.nn.Module, path: Path) -> Path:
     torch.save({"teacher": {f"backbone.{k}": v for k, v in model.state_dict().items()}}, path)
     return path
@@ -60,7 +35,7 @@ def _save_teacher(model: torch.nn.Module, path: Path) -> Path:
 @pytest.mark.parametrize("antialias", [False, True])
 @pytest.mark.parametrize("offset", [0.0, 0.1])
 def test_pos_embed_interpolation_matches_backbone(offset, antialias):
-    model = _tiny(img_size=14 * 6, interpolate_offset=offset, interpolate_antialias=antialias)
+    model = tiny_vit(img_size=14 * 6, interpolate_offset=offset, interpolate_antialias=antialias)
     for rows, cols in [(6, 6), (6, 7), (7, 6), (3, 5), (13, 4), (2, 2)]:
         tokens = torch.zeros(1, 1 + rows * cols, 64)
         expected = model.interpolate_pos_encoding(tokens, rows * 14, cols * 14)
@@ -68,7 +43,7 @@ def test_pos_embed_interpolation_matches_backbone(offset, antialias):
 
 
 def test_wrapper_equals_forward_features_with_registers():
-    model = _tiny(num_register_tokens=3, patch_size=8, img_size=32)
+    model = tiny_vit(num_register_tokens=3, patch_size=8, img_size=32)
     wrapper = ExportableBackbone(model)
     assert wrapper.output_names == ("cls_token", "patch_tokens", "register_tokens")
     images = torch.randn(2, 3, 40, 24)
@@ -122,7 +97,7 @@ def test_hub_entry_point_with_local_weights(reference_dir, tmp_path):
 
 
 def test_registers_dynamic_size_onnx(tmp_path):
-    model = _tiny(num_register_tokens=4, patch_size=8, img_size=32)
+    model = tiny_vit(num_register_tokens=4, patch_size=8, img_size=32)
     result = export_backbone(model, tmp_path / "reg.onnx", format="onnx", img_size=32, dynamic_size=True, opset=14)
     assert result.output_names == ("cls_token", "patch_tokens", "register_tokens")
     assert {(c.batch, c.height, c.width) for c in result.checks} == {(1, 32, 32), (3, 32, 32), (1, 48, 40), (3, 48, 40)}
@@ -135,7 +110,7 @@ def test_registers_dynamic_size_onnx(tmp_path):
 
 
 def test_rasa_folded_export_equals_unfolded_head(tmp_path):
-    model, head = _tiny(), _random_head(64, n_layers=2)
+    model, head = tiny_vit(), random_rasa_head(64, n_layers=2)
     weights = _save_teacher(model, tmp_path / "backbone.pth")
     torch.save(head.state_dict(), tmp_path / "rasa_head.pth")
     folded_file = tmp_path / "folded.pth"
@@ -171,7 +146,7 @@ def test_rasa_folded_export_equals_unfolded_head(tmp_path):
 
 
 def test_failed_verification_writes_nothing(tmp_path, monkeypatch, capsys):
-    model = _tiny()
+    model = tiny_vit()
     with pytest.raises(VerificationError, match="differs from PyTorch"):
         export_backbone(model, tmp_path / "strict.onnx", img_size=56, dynamic_size=True, tolerance=0.0)
     assert list(tmp_path.iterdir()) == []

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 from conftest import load_reference
+from tiny_backbones import random_rasa_head, tiny_vit
 
 import franca.export.__main__ as cli
 from franca.export import VerificationError, export_backbone
@@ -17,8 +18,6 @@ from franca.export.hf_export import PATCH_MAP_FILE
 from franca.export.verify import relative_error
 from franca.hub.loading import read_checkpoint
 from franca.layers.folded_norm import fold
-from franca.layers.rasa_head import RASAHead
-from franca.models.vision_transformer import DinoVisionTransformer
 
 transformers = pytest.importorskip("transformers", reason="the 'hf' extra (transformers) is not installed")
 timm = pytest.importorskip("timm", reason="the 'timm' extra is not installed")
@@ -32,30 +31,6 @@ IO = load_reference("vit_tiny_p14_io.pth")
 def _close(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-4) -> None:
     assert actual.shape == expected.shape
     assert relative_error(actual, expected) <= tol
-
-
-def _tiny(seed: int = 0, **kwargs) -> DinoVisionTransformer:
-    """A tiny ViT with non-trivial position embedding, tokens, norm and LayerScale."""
-    torch.manual_seed(seed)
-    settings = dict(img_size=56, patch_size=14, embed_dim=64, depth=2, num_heads=2, init_values=1.0, block_chunks=0)
-    model = DinoVisionTransformer(**{**settings, **kwargs})
-    with torch.no_grad():
-        model.pos_embed.normal_()
-        model.cls_token.normal_()
-        if model.register_tokens is not None:
-            model.register_tokens.normal_()
-        model.norm.weight.uniform_(0.5, 1.5)
-        model.norm.bias.normal_(0, 0.5)
-    return model.eval()
-
-
-def _head(dim: int = 64, n_layers: int = 2) -> RASAHead:
-    torch.manual_seed(1)
-    head = RASAHead(dim, n_layers)
-    with torch.no_grad():
-        for parameter in head.parameters():
-            parameter.normal_(0, dim**-0.5)
-    return head
 
 
 def _hf(folder):
@@ -95,7 +70,7 @@ def test_trainer_checkpoint_to_transformers_and_timm_equals_official_outputs(ref
 
 @pytest.mark.parametrize("ffn_layer", ["mlp", "swiglufused"])
 def test_registers_and_patch_size_8(tmp_path, ffn_layer):
-    model = _tiny(num_register_tokens=3, patch_size=8, img_size=32, ffn_layer=ffn_layer, block_chunks=2)
+    model = tiny_vit(num_register_tokens=3, patch_size=8, img_size=32, ffn_layer=ffn_layer, block_chunks=2)
     hf_result = export_backbone(model, tmp_path / "hf", format="hf", img_size=32)
     timm_result = export_backbone(model, tmp_path / "t.pth", format="timm", img_size=32)
     for result in (hf_result, timm_result):
@@ -116,7 +91,7 @@ def test_registers_and_patch_size_8(tmp_path, ffn_layer):
 
 def test_img_size_bakes_our_interpolation(tmp_path):
     """Exported at 84 px from a 56 px model: equal to ours at 84; a 56 px export resized by the library is not."""
-    model = _tiny()
+    model = tiny_vit()
     x = torch.randn(2, 3, 84, 84)
     with torch.no_grad():
         ref = model.forward_features(x)["x_norm_patchtokens"]
@@ -133,7 +108,7 @@ def test_img_size_bakes_our_interpolation(tmp_path):
 
 
 def test_folded_rasa_exports_to_every_format(tmp_path):
-    model, head = _tiny(num_register_tokens=2), _head()
+    model, head = tiny_vit(num_register_tokens=2), random_rasa_head()
     folded = fold(model, head)
     x = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
@@ -169,7 +144,7 @@ def test_safetensors_wherever_a_pth_is_accepted(reference_dir, tmp_path):
     assert cli.main([*again, "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
     from safetensors.torch import save_file
 
-    save_file(_head().state_dict(), tmp_path / "rasa.safetensors")
+    save_file(random_rasa_head().state_dict(), tmp_path / "rasa.safetensors")
     from franca.layers.rasa_head import load_rasa_head
 
     assert load_rasa_head(tmp_path / "rasa.safetensors", input_dim=64).n_pos_layers == 2
@@ -179,7 +154,7 @@ def test_safetensors_wherever_a_pth_is_accepted(reference_dir, tmp_path):
 
 
 def test_failed_check_writes_nothing(tmp_path, monkeypatch, capsys):
-    model = _tiny()
+    model = tiny_vit()
     for format, out in (
         ("hf", tmp_path / "hf"),
         ("timm", tmp_path / "t.pth"),
@@ -229,8 +204,10 @@ def test_bad_arguments_are_one_line(reference_dir, tmp_path, capsys, extra, mess
 
 def test_coreml_package_inputs_and_outputs(reference_dir, tmp_path, capsys):
     ct = pytest.importorskip("coremltools", reason="the 'coreml' extra is not installed")
-    model = _tiny(num_register_tokens=2)
-    result = export_backbone(fold(model, _head()), tmp_path / "m.mlpackage", format="coreml", img_size=56, fp16=True)
+    model = tiny_vit(num_register_tokens=2)
+    result = export_backbone(
+        fold(model, random_rasa_head()), tmp_path / "m.mlpackage", format="coreml", img_size=56, fp16=True
+    )
     assert result.output_names == ("cls_token", "patch_tokens", "register_tokens")
     spec = ct.utils.load_spec(str(tmp_path / "m.mlpackage"))
     assert [i.name for i in spec.description.input] == ["images"]
@@ -251,7 +228,7 @@ def test_coreml_prediction_check_compares_with_pytorch(monkeypatch):
 
     from franca.export.coreml_export import CoreMLBackbone, predict_check
 
-    model = _tiny(num_register_tokens=1)
+    model = tiny_vit(num_register_tokens=1)
     program = CoreMLBackbone(copy.deepcopy(model))  # the "package": a frozen copy
 
     class StandIn:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import load_reference
+from tiny_backbones import random_rasa_head
 
 from franca.hub.loading import load_backbone_weights
 from franca.models.vision_transformer import DinoVisionTransformer
@@ -34,15 +35,6 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-5) -> N
         return
     scale = max(1.0, expected.abs().max().item())
     assert (actual - expected).abs().max().item() <= tol * scale
-
-
-def _random_head(dim: int, n_layers: int, seed: int = 0) -> RASAHead:
-    torch.manual_seed(seed)
-    head = RASAHead(dim, n_layers)
-    with torch.no_grad():
-        for p in head.parameters():
-            p.normal_(0, dim**-0.5)
-    return head
 
 
 def _perturbed_norm(model: torch.nn.Module) -> torch.nn.Module:
@@ -76,7 +68,7 @@ def _check_equivalence(model: torch.nn.Module, head: RASAHead, x: torch.Tensor, 
 def test_fold_equivalence_random_inputs(registers):
     torch.manual_seed(0)
     model = _perturbed_norm(DinoVisionTransformer(**{**TINY, "num_register_tokens": registers})).eval()
-    head = _random_head(64, 3)
+    head = random_rasa_head(64, 3, seed=0)
     x = torch.randn(3, 3, 56, 56)
     _check_equivalence(model, head, x)
     _check_equivalence(model, head, x, masks=torch.rand(3, 16) < 0.3)
@@ -86,7 +78,7 @@ def test_fold_equivalence_random_inputs(registers):
 
 def test_fold_equivalence_real_inputs(reference_model):
     io = load_reference("vit_tiny_p14_io.pth")
-    head = _random_head(64, 5, seed=1)
+    head = random_rasa_head(64, 5, seed=1)
     for name in ("x56", "x56_masked", "x70x84"):
         _check_equivalence(reference_model, head, io["inputs"][name]["x"], io["inputs"][name]["masks"])
     folded = fold(reference_model, head)
@@ -96,7 +88,7 @@ def test_fold_equivalence_real_inputs(reference_model):
 
 
 def test_intermediate_layers_with_norm_give_debiased_tokens(reference_model):
-    head = _random_head(64, 2, seed=2)
+    head = random_rasa_head(64, 2, seed=2)
     folded = fold(reference_model, head)
     x = load_reference("vit_tiny_p14_io.pth")["inputs"]["x56"]["x"]
     with torch.no_grad():
@@ -110,7 +102,7 @@ def test_intermediate_layers_with_norm_give_debiased_tokens(reference_model):
 
 
 def test_fold_twice_composes_heads(reference_model):
-    first, second = _random_head(64, 1, seed=3), _random_head(64, 2, seed=4)
+    first, second = random_rasa_head(64, 1, seed=3), random_rasa_head(64, 2, seed=4)
     twice = fold(fold(reference_model, first), second)
     x = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
@@ -119,7 +111,7 @@ def test_fold_twice_composes_heads(reference_model):
 
 
 def test_folded_checkpoint_round_trip(reference_model, tmp_path):
-    head = _random_head(64, 3, seed=5)
+    head = random_rasa_head(64, 3, seed=5)
     folded = fold(reference_model, head)
     path = tmp_path / "folded_teacher_checkpoint.pth"
     save_folded_backbone(folded, path)
@@ -154,7 +146,7 @@ def test_bad_inputs(reference_model, tmp_path):
 
 def test_folded_checkpoint_loads_through_hubconf(reference_model, tmp_path):
     """The folded file is a plain official-format checkpoint for the hub: no RASA head argument needed."""
-    folded = fold(reference_model, _random_head(64, 2, seed=7))
+    folded = fold(reference_model, random_rasa_head(64, 2, seed=7))
     path = tmp_path / "folded_teacher_checkpoint.pth"
     save_folded_backbone(folded, path)
     repo = Path(__file__).resolve().parents[1]
