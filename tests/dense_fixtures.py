@@ -15,6 +15,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from torch.utils.data import Dataset
+
+from franca.data.loaders import make_dataset
+from franca.data.segmentation_transforms import make_segmentation_eval_transform
 
 COLOURS = np.array([[230, 30, 30], [30, 230, 30], [30, 30, 230], [230, 230, 30]], dtype=np.uint8)
 PATCH = 8
@@ -33,6 +37,22 @@ def write_colour_patch_folder(root: Path, n_images: int, seed: int) -> Path:
         Image.fromarray(COLOURS[mask]).save(root / "images" / f"img_{n:03d}.png")
         Image.fromarray(mask, mode="L").save(root / "masks" / f"img_{n:03d}.png")
     return root
+
+
+def write_colour_patch_splits(root: Path, n_train: int, n_val: int) -> Path:
+    """``root/train`` (seed 0) and ``root/val`` (seed 1) colour-patch SegFolder trees."""
+    write_colour_patch_folder(root / "train", n_train, seed=0)
+    write_colour_patch_folder(root / "val", n_val, seed=1)
+    return root
+
+
+def colour_patch_datasets(root: Path) -> tuple[Dataset, Dataset]:
+    """The ``SegFolder`` train and val datasets of :func:`write_colour_patch_splits` at the eval transform."""
+    transform = make_segmentation_eval_transform(SIZE)
+    return (
+        make_dataset(f"SegFolder:root={root / 'train'}", transforms=transform),
+        make_dataset(f"SegFolder:root={root / 'val'}", transforms=transform),
+    )
 
 
 class PixelProjection(nn.Module):

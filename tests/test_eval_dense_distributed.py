@@ -9,26 +9,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from franca.data.loaders import make_dataset
-from franca.data.segmentation_transforms import make_segmentation_eval_transform
 from franca.eval.hummingbird import eval_hummingbird
 from franca.eval.linear_seg import run_linear_seg
-from tests.dense_fixtures import SIZE, PixelProjection, write_colour_patch_folder
-
-
-def _datasets(root: Path):
-    transform = make_segmentation_eval_transform(SIZE)
-    return (
-        make_dataset(f"SegFolder:root={root / 'train'}", transforms=transform),
-        make_dataset(f"SegFolder:root={root / 'val'}", transforms=transform),
-    )
+from tests.dense_fixtures import PixelProjection, colour_patch_datasets, write_colour_patch_splits
 
 
 def _worker(rank: int, init_file: str, root: str, results: dict) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         torch.set_num_threads(1)
-        train, val = _datasets(Path(root))
+        train, val = colour_patch_datasets(Path(root))
         hb = eval_hummingbird(PixelProjection(), train, val, 4, dims=[16, 4], memory_size=None, batch_size=2)
         seg = run_linear_seg(PixelProjection(), train, val, 4, Path(root) / "ls", learning_rates=[0.1], epochs=2)
         results[rank] = (hb, seg["best"])
@@ -39,13 +29,12 @@ def _worker(rank: int, init_file: str, root: str, results: dict) -> None:
 def test_two_processes_agree_with_one(tmp_path: Path) -> None:
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    write_colour_patch_folder(tmp_path / "train", 7, seed=0)  # odd: rank 1 encodes one image fewer
-    write_colour_patch_folder(tmp_path / "val", 5, seed=1)
+    write_colour_patch_splits(tmp_path, 7, 5)  # odd train count: rank 1 encodes one image fewer
     with mp.Manager() as manager:
         shared = manager.dict()
         mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path), shared), nprocs=2, join=True)
         results = dict(shared)
-    train, val = _datasets(tmp_path)
+    train, val = colour_patch_datasets(tmp_path)
     single = eval_hummingbird(PixelProjection(), train, val, 4, dims=[16, 4], memory_size=None, batch_size=8)
     for rank in (0, 1):
         for m in ("16", "4"):

@@ -7,21 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from franca.data.loaders import make_dataset
-from franca.data.segmentation_transforms import make_segmentation_eval_transform
 from franca.eval.hummingbird import eval_hummingbird, patch_label_fractions, propagate_labels, sample_patches
-from tests.dense_fixtures import SIZE, PixelProjection, write_colour_patch_folder
+from tests.dense_fixtures import PixelProjection, colour_patch_datasets, write_colour_patch_splits
 
 
 @pytest.fixture(scope="module")
 def colour_patches(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("colour_patches")
-    transform = make_segmentation_eval_transform(SIZE)
-    train = make_dataset(
-        f"SegFolder:root={write_colour_patch_folder(root / 'train', 12, seed=0)}", transforms=transform
-    )
-    val = make_dataset(f"SegFolder:root={write_colour_patch_folder(root / 'val', 6, seed=1)}", transforms=transform)
-    return train, val
+    return colour_patch_datasets(write_colour_patch_splits(tmp_path_factory.mktemp("colour_patches"), 12, 6))
 
 
 def test_patch_label_fractions_and_rare_classes_kept_first() -> None:

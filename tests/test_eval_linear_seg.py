@@ -8,21 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from franca.data.loaders import make_dataset
-from franca.data.segmentation_transforms import make_segmentation_eval_transform
 from franca.eval.linear_seg import BEST_HEAD_FILENAME, RESULTS_FILENAME, LinearSegHead, run_linear_seg
-from tests.dense_fixtures import SIZE, PixelProjection, write_colour_patch_folder
+from tests.dense_fixtures import PixelProjection, colour_patch_datasets, write_colour_patch_splits
 
 
 @pytest.fixture(scope="module")
 def colour_patches(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("colour_patches_linear")
-    transform = make_segmentation_eval_transform(SIZE)
-    train = make_dataset(
-        f"SegFolder:root={write_colour_patch_folder(root / 'train', 32, seed=0)}", transforms=transform
-    )
-    val = make_dataset(f"SegFolder:root={write_colour_patch_folder(root / 'val', 8, seed=1)}", transforms=transform)
-    return train, val
+    return colour_patch_datasets(write_colour_patch_splits(tmp_path_factory.mktemp("colour_patches_linear"), 32, 8))
 
 
 def test_head_keeps_the_first_dims_of_every_block() -> None:
