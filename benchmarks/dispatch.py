@@ -17,8 +17,9 @@ whose forward created it):
 * ``ops``: ATen operators dispatched (each one kernel launch on a GPU, or more); views and the
   device queries of the fake mode are not counted;
 * ``elementwise_ops`` / ``elementwise_mb``: the operators that are not products (mm, addmm, bmm, mv,
-  attention, …) and not views, and the MiB they write (outputs plus tensors mutated in place): the
-  memory-bound passes (element-wise maps, reductions, copies, softmax, foreach, optimizer);
+  attention, …) and not views, and the MiB they write (outputs plus tensors mutated in place or through
+  ``out=``; an allocation such as ``empty`` writes nothing): the memory-bound passes (element-wise maps,
+  reductions, copies, softmax, foreach, optimizer);
 * ``host_syncs``: ``aten._local_scalar_dense`` (``.item()``, ``bool()``, ``float()``), ``nonzero``,
   boolean-mask indexing — every place the host waits for the device.
 
@@ -95,6 +96,8 @@ _PRODUCTS = {
     "_scaled_dot_product_flash_attention_backward",
     "_scaled_dot_product_efficient_attention_backward",
 }
+# allocations: host work (counted as operators) that writes no memory
+_ALLOCATIONS = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided", "empty_permuted"}
 _SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "item"}
 
 
@@ -125,7 +128,7 @@ def _written_bytes(func, args, kwargs, out) -> int:
         value = args[index] if index < len(args) else kwargs.get(argument.name)
         written += _bytes(tree_flatten(value)[0])
     fresh = [r for r in func._schema.returns if r.alias_info is None]
-    if fresh:
+    if fresh and func._schema.name.split("::")[-1] not in _ALLOCATIONS:
         written += _bytes(tree_flatten(out)[0])
     return written
 

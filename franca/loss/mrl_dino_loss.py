@@ -5,16 +5,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from franca.loss.centering import CenteringTeacher
-from franca.loss.levels import as_levels, sum_over_levels
+from franca.loss.levels import as_levels, paired_levels
 from franca.loss.sinkhorn_knopp import sinkhorn_knopp
+from franca.loss.soft_cross_entropy import soft_cross_entropy
 
 
 def _crop_sum(x: Tensor, n_crops: int) -> Tensor:
-    """(n_crops·R × K) → (R × K): the sum over the crop chunks."""
+    """(n_crops·R × K) → (R × K): the sum over the crop chunks (the teacher side; each student chunk meets it)."""
     x = x.reshape(n_crops, -1, x.shape[-1])
     return x[0] if n_crops == 1 else x.sum(0)
 
@@ -75,15 +75,18 @@ class MRLDINOLoss(CenteringTeacher):
         else:
             n_student, n_teacher = n_crops
 
-        def term(student: Tensor, teacher: Tensor) -> Tensor:
-            teacher = teacher.reshape(-1, teacher.shape[-1])
-            rows = teacher.shape[0] // n_teacher
+        students, teachers = paired_levels(
+            student_output_list, teacher_out_softmaxed_centered_list, self.relative_importance
+        )
+        teachers = tuple(t.reshape(-1, t.shape[-1]) for t in teachers)
+        rows = teachers[0].shape[0] // n_teacher
+        for student, teacher in zip(students, teachers):
             if teacher.shape[0] != rows * n_teacher or student.shape[0] != rows * n_student:
                 raise ValueError(
                     f"MRLDINOLoss: {student.shape[0]} student rows / {teacher.shape[0]} teacher rows do not form "
                     f"{n_student} student and {n_teacher} teacher crops of the same batch"
                 )
-            log_probs = F.log_softmax(student.float() / self.student_temp, dim=-1)
-            return -(_crop_sum(log_probs, n_student) * _crop_sum(teacher, n_teacher)).sum() / rows
-
-        return sum_over_levels(term, student_output_list, teacher_out_softmaxed_centered_list, self.relative_importance)
+        targets = tuple(_crop_sum(t, n_teacher) for t in teachers)
+        return soft_cross_entropy(
+            students, targets, self.student_temp, 1.0 / rows, level_weights=self.relative_importance
+        )

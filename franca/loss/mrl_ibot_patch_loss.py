@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from franca.loss.centering import CenteringTeacher
-from franca.loss.levels import as_levels, sum_over_levels
+from franca.loss.levels import as_levels, paired_levels
 from franca.loss.sinkhorn_knopp import sinkhorn_knopp
+from franca.loss.soft_cross_entropy import soft_cross_entropy
 
 
 class MRLiBOTPatchLoss(CenteringTeacher):
@@ -60,16 +60,14 @@ class MRLiBOTPatchLoss(CenteringTeacher):
         n_tokens = masks_weight.shape[0] if n_masked_patches is None else int(n_masked_patches)
         if masks_weight.shape[0] != n_tokens:
             raise ValueError(f"MRLiBOTPatchLoss: {masks_weight.shape[0]} mask weights for {n_tokens} masked patches")
-        n_images = student_masks_flat.shape[0]
+        row_weight = masks_weight / student_masks_flat.shape[0]
 
-        def term(student: Tensor, teacher: Tensor) -> Tensor:
+        students, teachers = paired_levels(student_patch_tokens_masked, teacher_patch_tokens_masked)
+        for student, teacher in zip(students, teachers):
             if student.shape[0] < n_tokens or teacher.shape[0] < n_tokens:
                 raise ValueError(
                     f"MRLiBOTPatchLoss: {n_tokens} masked patches but {student.shape[0]} student / "
                     f"{teacher.shape[0]} teacher rows"
                 )
-            log_probs = F.log_softmax(student[:n_tokens].float() / self.student_temp, dim=-1)
-            per_token = (teacher[:n_tokens] * log_probs).sum(-1)
-            return -torch.dot(per_token, masks_weight.to(per_token.dtype)) / n_images
-
-        return sum_over_levels(term, student_patch_tokens_masked, teacher_patch_tokens_masked)
+        targets = tuple(t[:n_tokens] for t in teachers)
+        return soft_cross_entropy(students, targets, self.student_temp, row_weight, n_rows=n_tokens)

@@ -284,9 +284,9 @@ class SSLMetaArch(nn.Module):
         upperbound: int,
     ) -> dict[str, Levels | Tensor | None]:
         """Student head outputs per level, float32: ``local_cls`` [n_local_crops·B, K_j], ``global_cls``
-        [n_global_crops·B, K_j], ``masked_patches`` [M, K_j] (None without iBOT); and ``global_cls_tokens``
+        [n_global_crops·B, K_j], ``masked_patches`` [U, K_j] (rows past M are padding, which the iBOT loss
+        leaves out; None without iBOT); and ``global_cls_tokens``
         [n_global_crops·B, D] (the backbone's, for KoLeo)."""
-        n_masked = mask_indices_list.shape[0]
         with self._autocast():
             if self.n_local_crops > 0:
                 global_out, local_out = self.student.backbone.forward_features(
@@ -308,7 +308,7 @@ class SSLMetaArch(nn.Module):
         return {
             "local_cls": tuple(t.float() for t in chunks[0]),
             "global_cls": tuple(t.float() for t in chunks[1]),
-            "masked_patches": None if masked_patches is None else tuple(t[:n_masked].float() for t in chunks[2]),
+            "masked_patches": None if masked_patches is None else tuple(t.float() for t in chunks[2]),
             "global_cls_tokens": global_out["x_norm_clstoken"].float(),
         }
 
