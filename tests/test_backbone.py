@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 import franca.models.vision_transformer as vits
 from franca.hub.loading import load_backbone_weights
 from franca.layers import Block, TokenLayout
-from franca.layers.drop_path import DropPath, add_residual_on_kept_samples
+from franca.layers.drop_path import DropPath, add_residual, draw_branch_drops
 from franca.layers.swiglu_ffn import swiglu_hidden_features
 from franca.models import build_model, build_model_from_cfg
 from franca.models.vision_transformer import DinoVisionTransformer
@@ -213,14 +213,60 @@ def test_residual_on_kept_samples_updates_subset_with_weight():
         seen.append(kept_layout)
         return torch.ones_like(tokens)
 
-    out = add_residual_on_kept_samples(x, layout, branch, drop_prob=0.4)
+    (drop,) = draw_branch_drops(layout, [0.4], x.device, x.dtype)
+    out = add_residual(x, layout, branch, gamma=torch.tensor([1.0, 0.5]), drop=drop)
     assert seen == [TokenLayout(((3, 3), (2, 2)))]  # max(int(B·0.6), 1) samples per crop batch
     for crop, batch in zip(layout.unpack(out), (5, 4)):
         per_sample = crop[:, :, 0]
         assert torch.all(per_sample == per_sample[:, :1])
         kept = per_sample[:, 0] != 0
         assert torch.allclose(per_sample[kept, 0], torch.full((int(kept.sum()),), batch / int(kept.sum())))
+        torch.testing.assert_close(crop[:, :, 1], crop[:, :, 0] * 0.5)  # LayerScale γ per channel
     assert [int((c[:, 0, 0] != 0).sum()) for c in layout.unpack(out)] == [3, 2]
+
+
+def test_branch_drops_are_drawn_together_and_independently():
+    """One draw call serves every branch of a rate: per-token scales in {0, 1/(1-p)} constant over a sample's
+    tokens, kept-sample rows distinct within a branch, and branches not all alike."""
+    torch.manual_seed(0)
+    layout = TokenLayout(((8, 3), (6, 2)))
+    drops = draw_branch_drops(layout, [0.0, 0.1, 0.5, 0.1, 0.5] * 4, torch.device("cpu"), torch.float32)
+    assert drops[0] is None and drops[5] is None
+    masks = [d.token_scale for d in drops if d is not None and d.rows is None]
+    assert len(masks) == 8
+    for mask in masks:
+        assert mask.shape == (layout.num_tokens, 1)
+        assert torch.all((mask == 0) | torch.isclose(mask, torch.tensor(1 / 0.9)))
+        for crop in layout.unpack(mask):
+            assert torch.all(crop == crop[:, :1])
+    subsets = [d for d in drops if d is not None and d.rows is not None]
+    assert len(subsets) == 8
+    for d in subsets:
+        assert d.kept_layout == TokenLayout(((4, 3), (3, 2))) and d.row_scale == 2.0
+        assert d.rows.unique().numel() == d.rows.numel() == 4 * 3 + 3 * 2
+        assert d.rows[:12].max() < 24 <= d.rows[12:].min()  # each crop batch's rows stay in it
+    assert len({tuple(d.rows.tolist()) for d in subsets}) > 1
+    assert len({tuple(m.view(-1).tolist()) for m in masks}) > 1
+
+
+def test_vit_draws_every_block_once_per_pass():
+    """The packed forward equals the blocks applied one by one with the draws the ViT made for the pass."""
+    model = tiny_reference_model(0, drop_path_rate=0.4, drop_path_uniform=True).train()
+    crops = [torch.randn(4, 3, 28, 28), torch.randn(3, 3, 28, 42)]
+    drawn = []
+    draw = model._draw_drops
+    model._draw_drops = lambda layout, packed: drawn.append(draw(layout, packed)) or drawn[-1]
+    torch.manual_seed(3)
+    out = model.forward_features(crops)
+    (drops,) = drawn
+    assert len(drops) == len(model.block_list()) and all(d[0].rows is not None for d in drops)
+    tokens = [model.prepare_tokens_with_masks(x) for x in crops]
+    layout = TokenLayout.of(tokens)
+    packed = layout.pack(tokens)
+    for block, block_drops in zip(model.block_list(), drops):
+        packed = block(packed, layout, block_drops)
+    for o, x in zip(out, layout.unpack(packed)):
+        torch.testing.assert_close(o["x_prenorm"], x, rtol=0, atol=0)
 
 
 def test_block_accepts_batch_list_and_packed_forms():

@@ -160,12 +160,19 @@ def _block_diagonal_mask(shapes: tuple[tuple[int, int], ...], device: torch.devi
 
 
 def _per_run(qkv: Tensor, layout: TokenLayout, num_heads: int, attend) -> Tensor:
-    """Apply ``attend(q, k, v)`` on ``(S, H, N, d)`` tensors for each run of equal-length crops; return ``(T, D)``."""
+    """Apply ``attend(q, k, v)`` on ``(S, H, N, d)`` tensors for each run of equal-length crops; return ``(T, D)``.
+
+    The runs are one ``split`` of the rows (backward: one concatenation, not a zero-filled buffer per run),
+    and q, k, v are unbound from the ``(S, N, 3, H, d)`` view, so that their gradients stack straight back
+    into the ``(T, 3D)`` layout of the projection."""
     dim = qkv.shape[-1] // 3
+    runs = layout.runs
+    parts = (qkv,) if len(runs) == 1 else qkv.split([stop - start for start, stop, _, _ in runs], dim=0)
     outputs = []
-    for start, stop, samples, n in layout.runs:
-        q, k, v = qkv[start:stop].view(samples, n, 3, num_heads, dim // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-        outputs.append(attend(q, k, v).transpose(1, 2).reshape(samples * n, dim))
+    for part, (_, _, samples, n) in zip(parts, runs):
+        q, k, v = part.view(samples, n, 3, num_heads, dim // num_heads).unbind(2)
+        out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (S, H, N, d)
+        outputs.append(out.transpose(1, 2).reshape(samples * n, dim))
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
 
 

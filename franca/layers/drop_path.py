@@ -2,22 +2,28 @@
 
 Two equivalent-in-expectation forms, as in DINOv2:
 
-* :class:`DropPath`: compute the branch for every sample, multiply sample ``b``'s residual by ``m_b / (1 - p)``
-  with ``m_b ~ Bernoulli(1 - p)``;
-* :func:`add_residual_on_kept_samples`: compute the branch only on a random subset of
-  ``max(int(B·(1 - p)), 1)`` samples per crop batch and add it scaled by ``B / subset`` (cheaper for large ``p``).
+* per-token scale: compute the branch for every sample and add sample ``b``'s residual times ``m_b / (1 - p)``,
+  ``m_b ~ Bernoulli(1 - p)`` (:class:`DropPath`, and :class:`BranchDrop` with a ``token_scale``);
+* kept samples: compute the branch only on a random subset of ``max(int(B·(1 - p)), 1)`` samples per crop
+  batch and add it scaled by ``B / subset`` (:class:`BranchDrop` with ``rows``; cheaper for large ``p``).
 
-Both are the identity map on the residual outside training.
+:func:`draw_branch_drops` draws every residual branch of a forward pass at once — one set of random
+operators per distinct rate, not per block — and :func:`add_residual` adds a branch output with its
+LayerScale and its draw. Both forms are the identity map on the residual outside training.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from franca.layers.attention import TokenLayout
+
+# Above this drop rate the residual is computed on the kept samples only (the gather cost then pays off).
+SUBSET_DROP_THRESHOLD = 0.1
 
 
 def _per_sample(values: list[Tensor], layout: TokenLayout) -> Tensor:
@@ -56,31 +62,94 @@ class DropPath(nn.Module):
         return f"drop_prob={self.drop_prob}"
 
 
-def add_residual_on_kept_samples(
-    x: Tensor,
-    layout: TokenLayout,
-    branch: Callable[[Tensor, TokenLayout], Tensor],
-    drop_prob: float,
-) -> Tensor:
-    """``x + branch(x)`` where the branch runs on a random subset of samples of each crop batch only.
+@dataclass(frozen=True)
+class BranchDrop:
+    """The stochastic-depth draw of one residual branch on a packed layout.
 
-    For a crop batch of ``B`` samples, ``S = max(int(B·(1-drop_prob)), 1)`` samples are drawn without replacement;
-    their residual is added with weight ``B / S`` and the other samples pass through unchanged.
-    ``x`` is packed ``(T, D)``; ``branch`` receives the packed kept tokens and their layout.
+    Either ``token_scale`` (T, 1): ``m_b / (1 - p)`` repeated over sample b's tokens; or ``rows`` (R,): the
+    packed rows of the kept samples, laid out as ``kept_layout``, their residual weighted by ``row_scale``
+    (a number, or an (R, 1) column when crop batches keep different fractions).
     """
-    rows, kept_shapes, weights = [], [], []
-    offset = 0
+
+    token_scale: Tensor | None = None
+    rows: Tensor | None = None
+    kept_layout: TokenLayout | None = None
+    row_scale: Tensor | float = 1.0
+
+
+def _token_scales(layout: TokenLayout, n_branches: int, drop_prob: float, device, dtype) -> list[BranchDrop]:
+    """Bernoulli keep masks of every sample for ``n_branches`` branches, one (n_branches, T) draw."""
+    keep_prob = 1.0 - drop_prob
+    samples = sum(b for b, _ in layout.shapes)
+    keep = torch.empty(n_branches, samples, device=device, dtype=dtype).bernoulli_(keep_prob).div_(keep_prob)
+    per_run, first = [], 0
+    for _, _, run_samples, n in layout.runs:
+        run = keep[:, first : first + run_samples, None].expand(n_branches, run_samples, n)
+        per_run.append(run.reshape(n_branches, run_samples * n))
+        first += run_samples
+    scales = per_run[0] if len(per_run) == 1 else torch.cat(per_run, dim=1)
+    return [BranchDrop(token_scale=s.unsqueeze(1)) for s in scales.unbind(0)]
+
+
+def _kept_rows(layout: TokenLayout, n_branches: int, drop_prob: float, device, dtype) -> list[BranchDrop]:
+    """For ``n_branches`` branches, ``max(int(B·(1-p)), 1)`` samples of each crop batch drawn without
+    replacement (the first of a uniform random order, from one (n_branches, B) draw per crop batch)."""
+    rows, kept_shapes, weights, offset = [], [], [], 0
     for batch, n in layout.shapes:
         kept = max(int(batch * (1.0 - drop_prob)), 1)
-        samples = torch.randperm(batch, device=x.device)[:kept]
-        rows.append((offset + samples[:, None] * n + torch.arange(n, device=x.device)).reshape(-1))
+        order = torch.rand(n_branches, batch, device=device).argsort(dim=1)[:, :kept]
+        rows.append((order * n + offset).unsqueeze(-1).add(torch.arange(n, device=device)).view(n_branches, -1))
         kept_shapes.append((kept, n))
         weights.append(batch / kept)
         offset += batch * n
-    rows = torch.cat(rows)
+    rows = rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)  # (n_branches, R)
     kept_layout = TokenLayout(tuple(kept_shapes))
-    residual = branch(x.index_select(0, rows), kept_layout).to(x.dtype)
     if len(set(weights)) == 1:
-        return x.index_add(0, rows, residual, alpha=weights[0])
-    scale = _per_sample([residual.new_full((s,), w) for (s, _), w in zip(kept_shapes, weights)], kept_layout)
-    return x.index_add(0, rows, residual * scale)
+        row_scale: Tensor | float = weights[0]
+    else:
+        row_scale = torch.cat(
+            [torch.full((s * n, 1), w, device=device, dtype=dtype) for (s, n), w in zip(kept_shapes, weights)]
+        )
+    return [BranchDrop(rows=r, kept_layout=kept_layout, row_scale=row_scale) for r in rows.unbind(0)]
+
+
+def draw_branch_drops(
+    layout: TokenLayout, rates: Sequence[float], device: torch.device, dtype: torch.dtype
+) -> list[BranchDrop | None]:
+    """One :class:`BranchDrop` per branch rate (None for rate 0): the per-token form up to
+    ``SUBSET_DROP_THRESHOLD``, the kept-samples form above it; branches of equal rate are drawn together."""
+    drops: list[BranchDrop | None] = [None] * len(rates)
+    for rate in sorted(set(rates)):
+        if rate == 0.0:
+            continue
+        branches = [i for i, r in enumerate(rates) if r == rate]
+        draw = _kept_rows if rate > SUBSET_DROP_THRESHOLD else _token_scales
+        for i, drop in zip(branches, draw(layout, len(branches), rate, device, dtype)):
+            drops[i] = drop
+    return drops
+
+
+def add_residual(
+    x: Tensor,
+    layout: TokenLayout,
+    branch: Callable[[Tensor, TokenLayout], Tensor],
+    gamma: Tensor | None = None,
+    drop: BranchDrop | None = None,
+) -> Tensor:
+    """``x + drop(γ ⊙ branch(x))`` on packed ``(T, D)`` tokens (γ: the LayerScale, None for none).
+
+    Without a draw one ``addcmul`` (or add); with a per-token scale the scaled branch goes in through one
+    ``addcmul``; with kept rows the branch runs on those rows only and is added back with ``index_add``.
+    """
+    if drop is None:
+        out = branch(x, layout)
+        return x + out if gamma is None else torch.addcmul(x, out, gamma)
+    if drop.rows is None:
+        out = branch(x, layout)
+        return torch.addcmul(x, out if gamma is None else out * gamma, drop.token_scale)
+    residual = branch(x.index_select(0, drop.rows), drop.kept_layout).to(x.dtype)
+    if gamma is not None:
+        residual = residual * gamma.to(x.dtype)
+    if isinstance(drop.row_scale, Tensor):
+        return x.index_add(0, drop.rows, residual * drop.row_scale)
+    return x.index_add(0, drop.rows, residual, alpha=drop.row_scale)

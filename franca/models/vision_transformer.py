@@ -22,6 +22,8 @@ from torch import Tensor, nn
 from torch.nn.init import trunc_normal_
 
 from franca.layers import Block, Mlp, PatchEmbed, SwiGLUFFNFused, TokenLayout
+from franca.layers.block import BlockDrops
+from franca.layers.drop_path import draw_branch_drops
 
 FFN_LAYERS = ("mlp", "swiglu", "swiglufused", "identity")
 
@@ -29,10 +31,13 @@ FFN_LAYERS = ("mlp", "swiglu", "swiglufused", "identity")
 class BlockChunk(nn.ModuleList):
     """A contiguous group of blocks (one FSDP unit); ``nn.Identity`` entries are index placeholders and skipped."""
 
-    def forward(self, x: Tensor, layout: TokenLayout | None = None) -> Tensor:
-        for block in self:
-            if not isinstance(block, nn.Identity):
-                x = block(x, layout)
+    def forward(
+        self, x: Tensor, layout: TokenLayout | None = None, drops: Sequence[BlockDrops] | None = None
+    ) -> Tensor:
+        """``drops``: the stochastic-depth draws of this chunk's blocks, in order (default: their own)."""
+        blocks = [block for block in self if not isinstance(block, nn.Identity)]
+        for index, block in enumerate(blocks):
+            x = block(x, layout, None if drops is None else drops[index])
         return x
 
 
@@ -141,8 +146,10 @@ class DinoVisionTransformer(nn.Module):
             self.blocks = nn.ModuleList(
                 BlockChunk([placeholder] * start + blocks[start : start + size]) for start in range(0, depth, size)
             )
+            self._unit_sizes = [len(blocks[start : start + size]) for start in range(0, depth, size)]
         else:
             self.blocks = nn.ModuleList(blocks)
+            self._unit_sizes = [1] * depth
 
         self.norm = norm_layer(embed_dim)
         self.head = nn.Identity()
@@ -238,11 +245,27 @@ class DinoVisionTransformer(nn.Module):
         tokens = [self.prepare_tokens_with_masks(x, m) for x, m in zip(x_list, masks_list)]
         layout = TokenLayout.of(tokens)
         packed = layout.pack(tokens)
-        for block in self.blocks:
-            packed = block(packed, layout)
+        drops = self._draw_drops(layout, packed)
+        first = 0
+        for unit, count in zip(self.blocks, self._unit_sizes):  # a block, or a chunk of ``count`` blocks
+            unit_drops = None if drops is None else drops[first : first + count]
+            if self.chunked_blocks:
+                packed = unit(packed, layout, unit_drops)
+            else:
+                packed = unit(packed, layout, None if unit_drops is None else unit_drops[0])
+            first += count
         # The final norm sees (B, N, D) tokens per crop batch, as in DINOv2 (a replaced norm may depend on position).
         prenorm = layout.unpack(packed)
         return [self._outputs(x, self.norm(x), m, use_rasa_head) for x, m in zip(prenorm, masks_list)]
+
+    def _draw_drops(self, layout: TokenLayout, packed: Tensor) -> list[BlockDrops] | None:
+        """Every block's stochastic-depth draws for this pass, the branches of equal rate drawn together
+        (None outside training or without drop path)."""
+        rates = [block.sample_drop_ratio for block in self.block_list()]
+        if not self.training or not any(rates):
+            return None
+        draws = draw_branch_drops(layout, [rate for rate in rates for _ in range(2)], packed.device, packed.dtype)
+        return [(draws[2 * i], draws[2 * i + 1]) for i in range(len(rates))]
 
     def forward_features(
         self,
