@@ -26,7 +26,10 @@ def test_counter_counts_operators_bytes_regions_and_backward():
         loss.backward()
         with counter.region("ema"):
             w.detach().add_(1.0)
+        with counter.region("optimizer"):
+            torch.empty(1024, 1024)  # an allocation: an operator that writes nothing
     rows = counter.table()
+    assert rows["optimizer"]["ops"] == 1 and rows["optimizer"]["elementwise_mb"] == 0
     assert rows["heads"]["ops"] >= 2 + 2  # mm, mul forward; mul and mm backward (attributed to heads)
     assert rows["heads"]["elementwise_mb"] >= 64 * 128 * 4 / 2**20
     assert rows["glue"]["ops"] >= 1 and rows["ema"]["ops"] == 1

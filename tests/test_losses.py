@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from conftest import load_reference
 
 from franca.loss import KoLeoLoss, MRLDINOLoss, MRLiBOTPatchLoss, sinkhorn_knopp
+from franca.loss.soft_cross_entropy import soft_cross_entropy
 
 
 def _assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5) -> None:
@@ -287,3 +288,46 @@ def test_sinkhorn_knopp_with_underflowing_prototypes_stays_finite():
     assert kept.any()
     torch.testing.assert_close(row_sums[kept], torch.ones(int(kept.sum())), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(row_sums[~kept], torch.zeros(int((~kept).sum())))
+
+
+# ----------------------------------------------------------------------------- fused soft cross-entropy
+
+
+@pytest.mark.parametrize("groups, padding", [(1, 0), (1, 5), (3, 0)])
+def test_soft_cross_entropy_matches_autograd_of_the_formula(groups, padding):
+    """Value and gradient of the fused multi-level loss against autograd of
+    ``-Σ_j λ_j Σ_g Σ_r w_r Σ_k t_jrk log_softmax(s_jgr / τ)_k``; padding rows get a zero gradient."""
+    torch.manual_seed(groups + padding)
+    rows, temp, widths, lambdas = 4, 0.1, (7, 13), (0.5, 2.0)
+    students = [torch.randn(groups * rows + padding, k, requires_grad=True) for k in widths]
+    targets = [F.softmax(torch.randn(rows, k), -1) * 2 for k in widths]  # rows need not sum to 1
+    weight = torch.rand(rows)
+    ours = soft_cross_entropy(students, targets, temp, weight, n_rows=groups * rows, level_weights=lambdas)
+    grads = torch.autograd.grad(ours * 1.5, students)
+    expected = 0.0
+    for s, t, lam in zip(students, targets, lambdas):
+        log_probs = F.log_softmax(s[: groups * rows] / temp, -1).view(groups, rows, -1)
+        expected = expected - lam * (log_probs * t * weight[:, None]).sum()
+    expected_grads = torch.autograd.grad(expected * 1.5, students)
+    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+        if padding:
+            assert torch.all(g[groups * rows :] == 0)
+
+
+def test_soft_cross_entropy_keeps_the_logits_dtype_and_checks_shapes():
+    student = torch.randn(6, 9, dtype=torch.bfloat16, requires_grad=True)
+    target = F.softmax(torch.randn(3, 9), -1)
+    loss = soft_cross_entropy([student], [target], 0.1, 1.0)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert student.grad.dtype == torch.bfloat16
+    expected = -(F.log_softmax(student.detach().float() / 0.1, -1).view(2, 3, 9) * target).sum()
+    torch.testing.assert_close(loss, expected)
+    with pytest.raises(ValueError, match="do not form chunks of the 3 target rows"):
+        soft_cross_entropy([student], [target], 0.1, n_rows=5)
+    with pytest.raises(ValueError, match="2 row weights for 3 target rows"):
+        soft_cross_entropy([student], [target], 0.1, torch.ones(2))
+    with pytest.raises(ValueError, match="1 student levels for 2 target levels"):
+        soft_cross_entropy([student], [target, target], 0.1)

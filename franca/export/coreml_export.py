@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch._decomp import get_decompositions
 
 from franca.export.verify import TOLERANCE, Check, VerificationError, reference_outputs, relative_error
 from franca.export.wrapper import ExportableBackbone
@@ -50,7 +51,9 @@ def write_coreml(backbone: nn.Module, path: Path, img_size: int, names: tuple[st
     import coremltools as ct
 
     example = torch.rand(1, 3, img_size, img_size)
-    program = torch.export.export(CoreMLBackbone(backbone), (example,)).run_decompositions({})
+    # coremltools has no converter for aten.addcmul (the blocks' LayerScale residual): decompose it only
+    addcmul = get_decompositions([torch.ops.aten.addcmul.default])
+    program = torch.export.export(CoreMLBackbone(backbone), (example,)).run_decompositions(addcmul)
     model = ct.convert(
         program,
         inputs=[ct.ImageType(name="images", shape=example.shape, scale=1 / 255, color_layout=ct.colorlayout.RGB)],

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import partial
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from franca.layers.dino_head import WeightNormLinear, build_mlp, init_linear_weights
@@ -70,14 +72,19 @@ class MRLDINOHead(nn.Module):
         self.apply(partial(init_linear_weights, std=init_std))
         self.last_layers = nn.ModuleList(WeightNormLinear(bottleneck_dim, k) for k in self.n_prototypes)
 
-    def level_input(self, x: Tensor, level: int) -> Tensor:
-        """The m_j-wide feature that level ``level`` sees."""
-        if self.projection == "linear":
-            return self.matryoshka_projections[level](x)
-        return x[..., : self.nesting_list[level]]
+    def level_inputs(self, x: Tensor) -> tuple[Tensor, ...]:
+        """The m_j-wide feature each level sees. The ``linear`` projections run as one product with their
+        weights stacked (Σ m_j × in_dim), so backward is one product and one sum, not one per level plus
+        the accumulation of their input gradients."""
+        if self.projection == "slice":
+            return tuple(x[..., :m] for m in self.nesting_list)
+        projections = list(self.matryoshka_projections)
+        weight = torch.cat([p.weight for p in projections])
+        bias = None if projections[0].bias is None else torch.cat([p.bias for p in projections])
+        return F.linear(x, weight, bias).split(self.nesting_list, dim=-1)
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         return tuple(
-            last_layer(mlp(self.level_input(x, j)))
-            for j, (mlp, last_layer) in enumerate(zip(self.mlps, self.last_layers))
+            last_layer(mlp(level_input))
+            for mlp, last_layer, level_input in zip(self.mlps, self.last_layers, self.level_inputs(x))
         )

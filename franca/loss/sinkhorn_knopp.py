@@ -51,13 +51,14 @@ def _all_reduce_levels(vectors: list[Tensor], op: dist.ReduceOp.RedOpType = dist
 
 
 @functools.lru_cache(maxsize=32)
-def _level_indicator(sizes: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:
-    """One-hot [ΣK_j, J] bool matrix (row k is True in the column of prototype k's level) and the [ΣK_j] level
-    size K_j of every prototype; built once per level sizes and device (no host sync in the step)."""
+def _level_indicator(sizes: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """One-hot [ΣK_j, J] bool matrix (row k is True in the column of prototype k's level), the [ΣK_j] level
+    size K_j of every prototype and a float32 zero; built once per level sizes and device (no host sync and
+    no host-to-device copy in the step)."""
     level_of = torch.tensor([j for j, k in enumerate(sizes) for _ in range(k)])
     indicator = torch.zeros(len(level_of), len(sizes), dtype=torch.bool).scatter_(1, level_of.unsqueeze(1), True)
     counts = torch.tensor([float(k) for k in sizes for _ in range(k)])
-    return indicator.to(device), counts.to(device)
+    return indicator.to(device), counts.to(device), torch.zeros((), device=device)
 
 
 @torch.no_grad()
@@ -90,9 +91,9 @@ def sinkhorn_knopp(
     device = logits[0].device
     rows = logits[0].shape[0]
     sizes = tuple(level.shape[1] for level in logits)
-    indicator, prototype_counts = _level_indicator(sizes, device)  # [ΣK, J], [ΣK]
+    indicator, prototype_counts, zero = _level_indicator(sizes, device)  # [ΣK, J], [ΣK], []
 
-    maxima = torch.stack([level.amax() for level in logits]).float()  # [J]
+    maxima = torch.stack(torch._foreach_max(list(logits))).float()  # [J]
     if distributed:
         dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
     if n_samples is None:
@@ -115,11 +116,11 @@ def sinkhorn_knopp(
         if sample_scale is None:
             column_totals = exps.sum(0)
         else:
-            column_totals = torch.mm(exps.t(), sample_scale).where(indicator, 0.0).sum(1)  # [ΣK]
+            column_totals = torch.mm(exps.t(), sample_scale).where(indicator, zero).sum(1)  # [ΣK]
         if distributed:
             dist.all_reduce(column_totals)
         prototype_scale = column_totals.mul_(prototype_counts).clamp_(min=_TINY).reciprocal_()  # u, [ΣK]
-        row_totals = torch.mm(exps, prototype_scale.unsqueeze(1).where(indicator, 0.0))  # [B_local, J]
+        row_totals = torch.mm(exps, prototype_scale.unsqueeze(1).where(indicator, zero))  # [B_local, J]
         if iteration < n_iterations - 1:
             row_totals.mul_(totals_b)
         sample_scale = row_totals.clamp_(min=_TINY).reciprocal_()
