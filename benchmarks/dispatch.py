@@ -290,8 +290,9 @@ def _install_regions(counter: DispatchCounter, model) -> None:
 
 
 def _ours(counter: DispatchCounter, cfg, batch: dict) -> tuple[torch.optim.Optimizer, Callable[[], None]]:
-    """``franca.train.train.training_step`` as the loop calls it, its parts wrapped in their regions."""
+    """``franca.train.iteration.training_step`` as the loop calls it, its parts wrapped in their regions."""
     import franca.layers.attention as attention
+    from franca.train import iteration as train_iteration
     from franca.train import train
     from franca.train.ssl_meta_arch import SSLMetaArch
 
@@ -310,7 +311,7 @@ def _ours(counter: DispatchCounter, cfg, batch: dict) -> tuple[torch.optim.Optim
         counter.stack[0] = "logging"  # what training_step does after the EMA: read the losses
 
     model.update_teacher = update_then_log
-    clip = train.clip_gradients
+    clip = train_iteration.clip_gradients
 
     def clip_gradients(*args) -> None:
         with counter.region("clip"):
@@ -318,13 +319,13 @@ def _ours(counter: DispatchCounter, cfg, batch: dict) -> tuple[torch.optim.Optim
 
     def iteration() -> None:
         counter.stack[0] = "glue"
-        train.clip_gradients = clip_gradients
+        train_iteration.clip_gradients = clip_gradients
         try:
-            train.training_step(
+            train_iteration.training_step(
                 model, optimizer, batch, iteration=1, teacher_temp=TEACHER_TEMP, momentum=MOMENTUM, clip_grad=CLIP_GRAD
             )
         finally:
-            train.clip_gradients = clip
+            train_iteration.clip_gradients = clip
 
     return optimizer, iteration
 

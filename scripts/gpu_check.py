@@ -10,6 +10,9 @@ One command (``make gpu-check``), a few minutes on one GPU with only this checko
   images/s, achieved TFLOP/s, peak memory, finite losses;
 * ``compile``: the ViT-B/14 bf16 iteration with ``train.compile`` off and on: first-call (compile) time,
   s/it, and the difference of the first step's losses;
+* ``cuda_graph``: the ViT-B/14 bf16 iteration eager (``training_step``) and recorded once as a CUDA graph
+  then replayed (``train.cuda_graph``, :class:`franca.train.static_step.StaticTrainingStep`): s/it, images/s,
+  and the difference of the first step's losses (the dry run runs the static step eagerly: no CUDA);
 * ``augment``: ``train.batch_augmentation`` (JPEG decode on the GPU + multi-crop rendering) images/s;
 * ``knn``: the k-NN classifier on GPU features (faiss-gpu when installed, else torch), queries/s.
 
@@ -42,6 +45,7 @@ from benchmarks.step import step_flops  # noqa: E402
 from franca.data.synthetic import random_collated_batch  # noqa: E402
 from franca.layers.attention import TokenLayout, packed_attention, xformers_failure  # noqa: E402
 from franca.train.ssl_meta_arch import SSLMetaArch  # noqa: E402
+from franca.train.static_step import StaticTrainingStep  # noqa: E402
 from franca.train.train import (  # noqa: E402
     apply_optim_scheduler,
     build_batch_augmentation,
@@ -50,7 +54,7 @@ from franca.train.train import (  # noqa: E402
 )
 from franca.utils.config import load_config_file  # noqa: E402
 
-CHECKS = ("attention", "step", "compile", "augment", "knn")
+CHECKS = ("attention", "step", "compile", "cuda_graph", "augment", "knn")
 # max |xFormers − SDPA| allowed, relative to max |SDPA output|
 ATTENTION_RTOL = {torch.float16: 5e-3, torch.bfloat16: 4e-2}
 BF16 = [
@@ -184,36 +188,45 @@ def check_attention(sizes: Sizes) -> list[dict]:
     return rows
 
 
-def _step_model(config: str, overrides: list[str], sizes: Sizes):
+def _step_model(config: str, overrides: list[str], sizes: Sizes, graphed: bool = False):
     cfg = load_config_file(config, [f"train.batch_size_per_gpu={sizes.batch}", *sizes.arch_overrides, *overrides])
     torch.manual_seed(0)
     model = SSLMetaArch(cfg).to(sizes.device)
     model.train()
     model.prepare_for_distributed_training()
     optimizer = build_optimizer(cfg, model.get_params_groups(), model.fp16_scaler)
-    apply_optim_scheduler(optimizer, lr=1e-4, wd=0.04, last_layer_lr=1e-4)
+    schedule = dict(lr=1e-4, wd=0.04, momentum=0.994, teacher_temp=0.07, last_layer_lr=1e-4)
+    apply_optim_scheduler(optimizer, lr=schedule["lr"], wd=schedule["wd"], last_layer_lr=schedule["last_layer_lr"])
     batch = random_collated_batch(cfg, seed=0)
     losses: list[dict[str, float]] = []
+    clip = cfg.optim.clip_grad
+    if graphed:
+        runner = StaticTrainingStep(model, optimizer, clip, capture=sizes.device == "cuda")
 
-    def step() -> None:
-        losses.append(
-            training_step(
-                model, optimizer, batch, iteration=0, teacher_temp=0.07, momentum=0.994, clip_grad=cfg.optim.clip_grad
-            )
-        )
+        def step() -> None:
+            losses.append(runner(batch, iteration=0, **schedule))
+
+    else:
+
+        def step() -> None:
+            teacher = dict(teacher_temp=schedule["teacher_temp"], momentum=schedule["momentum"])
+            losses.append(training_step(model, optimizer, batch, iteration=0, clip_grad=clip, **teacher))
 
     return cfg, model, batch, step, losses
 
 
-def _time_step(label: str, check: str, config: str, overrides: list[str], sizes: Sizes) -> dict:
+def _time_step(label: str, check: str, config: str, overrides: list[str], sizes: Sizes, graphed: bool = False) -> dict:
+    """Time the iteration after its first call and ``sizes.warmup - 1`` more (and, graphed, after the eager
+    warm-up iterations and the recording, so that only replays are timed)."""
     if sizes.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    cfg, model, batch, step, losses = _step_model(config, overrides, sizes)
+    cfg, model, batch, step, losses = _step_model(config, overrides, sizes, graphed)
     start = time.perf_counter()
     step()
     synchronize(sizes.device)
     first = time.perf_counter() - start
-    seconds = median(time_fn(step, warmup=sizes.warmup - 1, repeats=sizes.repeats, device=sizes.device))
+    warmup = sizes.warmup - 1 + (StaticTrainingStep.WARMUP + 1 if graphed else 0)
+    seconds = median(time_fn(step, warmup=warmup, repeats=sizes.repeats, device=sizes.device))
     finite = all(math.isfinite(v) for values in losses for v in values.values())
     scaler = model.fp16_scaler
     row = _row(
@@ -243,6 +256,28 @@ def check_step(sizes: Sizes) -> list[dict]:
     return rows
 
 
+def _first_loss_difference(rows: list[dict], tolerance: float = 2e-2) -> None:
+    """Relative difference of the first step's losses of ``rows[1]`` against ``rows[0]``, into ``rows[1]``; a
+    bf16 step whose fused or replayed kernels round differently stays within ``tolerance``, a wrong one is O(1)."""
+    reference, other = (row["first_losses"] for row in rows)
+    difference = max(abs(other[name] - value) / max(abs(value), 1e-6) for name, value in reference.items())
+    rows[1]["rel_loss_difference"] = difference
+    if difference > tolerance:
+        rows[1]["status"] = "fail"
+
+
+def check_cuda_graph(sizes: Sizes) -> list[dict]:
+    """The bf16 iteration eager and replayed from one CUDA graph (dry run: the static step, eagerly)."""
+    config = dict(sizes.archs)[sizes.compile_arch]
+    graphed = "cuda_graph" if sizes.device == "cuda" else "static step (no CUDA: eager)"
+    rows = [
+        _time_step(f"{sizes.compile_arch} bf16 eager", "cuda_graph", config, BF16, sizes),
+        _time_step(f"{sizes.compile_arch} bf16 {graphed}", "cuda_graph", config, BF16, sizes, graphed=True),
+    ]
+    _first_loss_difference(rows)
+    return rows
+
+
 def check_compile(sizes: Sizes) -> list[dict]:
     """``train.compile`` off and on for the bf16 iteration; the first step's losses must agree."""
     config = dict(sizes.archs)[sizes.compile_arch]
@@ -252,11 +287,7 @@ def check_compile(sizes: Sizes) -> list[dict]:
         )
         for flag in ("false", "true")
     ]
-    eager, compiled = (row["first_losses"] for row in rows)
-    difference = max(abs(compiled[name] - value) / max(abs(value), 1e-6) for name, value in eager.items())
-    rows[1]["rel_loss_difference"] = difference
-    if difference > 2e-2:  # bf16: the fused kernels round differently, a wrong graph is O(1)
-        rows[1]["status"] = "fail"
+    _first_loss_difference(rows)
     return rows
 
 
@@ -333,6 +364,7 @@ CHECK_FUNCTIONS: dict[str, Callable[[Sizes], list[dict]]] = {
     "attention": check_attention,
     "step": check_step,
     "compile": check_compile,
+    "cuda_graph": check_cuda_graph,
     "augment": check_augment,
     "knn": check_knn,
 }

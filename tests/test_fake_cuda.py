@@ -72,6 +72,23 @@ def _forward_step(model: SSLMetaArch, batch: dict) -> None:
     assert _on_fake_cuda(model.teacher.parameters())
 
 
+@pytest.mark.parametrize("setting", ["mrl-separate_ibot-sinkhorn", "global_crops_only-sk_exclude_padding"])
+def test_schedule_values_read_on_the_cuda_device(setting):
+    """What the ``train.cuda_graph`` step reads on the device: the teacher temperature and the EMA momentum as
+    0-d CUDA tensors; a host number or tensor reaching a CUDA op there would need a copy a recording refuses."""
+    cfg = tiny_ssl_cfg(2, *SETTINGS[setting])
+    batch = random_collated_batch(cfg, seed=0)
+    model = SSLMetaArch(cfg)
+    model.train()
+    with fake_cuda():
+        model.to("cuda")
+        teacher_temp, momentum = torch.zeros(2, device="cuda").unbind(0)
+        step = model.forward_on_device(model._move_batch(batch), teacher_temp=teacher_temp)
+        assert _on_fake_cuda([step.objective, *step.teacher["dino"], *step.teacher["ibot"]])
+        model.update_teacher(momentum)
+        assert _on_fake_cuda(model.teacher.parameters())
+
+
 def test_batch_augmentation_renders_crops_on_the_cuda_device(monkeypatch):
     augmentation = build_batch_augmentation(tiny_ssl_cfg(2, "train.batch_augmentation=true"))
     draw = multicrop.Uniforms.__call__

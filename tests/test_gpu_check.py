@@ -74,3 +74,12 @@ def test_dry_run_training_steps(gpu_check):
     assert [row["setting"] for row in rows] == ["vit_pico b2 shipped fp16", "vit_pico b2 bf16"]
     assert all(row["status"] == "ok" and row["img_per_s"] > 0 for row in rows)
     assert rows[0]["loss_scale"] is not None and rows[1]["loss_scale"] is None  # the fp16 grad scaler
+
+
+def test_dry_run_static_step_check(gpu_check):
+    """The ``cuda_graph`` rows: on the CPU the static step runs eagerly and its first losses match the eager
+    iteration's (bf16 autocast on both sides)."""
+    rows = gpu_check.check_cuda_graph(gpu_check.DRY)
+    assert [row["setting"] for row in rows] == ["vit_pico bf16 eager", "vit_pico bf16 static step (no CUDA: eager)"]
+    assert all(row["status"] == "ok" and row["img_per_s"] > 0 for row in rows)
+    assert rows[1]["rel_loss_difference"] <= 2e-2

@@ -148,6 +148,26 @@ def test_sinkhorn_single_tensor_gives_single_tensor(no_collectives):
     assert isinstance(out, torch.Tensor) and out.shape == (6, 10)
 
 
+def test_sinkhorn_valid_rows_equal_a_call_on_those_rows_alone(no_collectives):
+    """The static-shape form of ``ibot.sk_exclude_padding``: rows left out get exact zeros and add nothing."""
+    torch.manual_seed(4)
+    logits = [torch.randn(13, k) * 3 for k in (8, 16)]
+    valid = torch.arange(13) < 10
+    count = torch.tensor([10])
+    got = sinkhorn_knopp(logits, 0.07, n_samples=count, valid_rows=valid)
+    want = sinkhorn_knopp([t[:10] for t in logits], 0.07, n_samples=count)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g[:10], w, rtol=1e-6, atol=1e-9)
+        assert torch.all(g[10:] == 0)
+
+
+def test_sinkhorn_temperature_as_a_tensor_is_the_float_result(no_collectives):
+    """A 0-d tensor temperature (read on the device, as in a replayed CUDA graph) gives the float's bits."""
+    logits = [torch.randn(6, 12), torch.randn(6, 24)]
+    for a, b in zip(sinkhorn_knopp(logits, 0.06), sinkhorn_knopp(logits, torch.tensor(0.06))):
+        assert torch.equal(a, b)
+
+
 # ----------------------------------------------------------------------------- loss structure
 
 
@@ -256,6 +276,14 @@ def test_softmax_centering_per_level_ema(no_collectives):
     torch.testing.assert_close(loss.center.view(-1), torch.cat(centres))
     for out, t, c in zip(second, logits, centres):
         torch.testing.assert_close(out, F.softmax((t - c) / 0.2, -1))
+
+
+def test_centering_update_over_the_kept_rows_only(no_collectives):
+    loss = MRLiBOTPatchLoss(12, center_momentum=0.5)
+    logits = torch.randn(7, 12)
+    loss.update_center(logits, rows=torch.arange(7) < 4)  # rows 4..6: iBOT padding
+    loss.apply_center_update()
+    torch.testing.assert_close(loss.center.view(-1), 0.5 * logits[:4].mean(0))
 
 
 def test_ibot_centering_keeps_dinov2_layout_and_shapes(no_collectives):

@@ -2,7 +2,7 @@
 configured dtypes and the fp16 grad scaler, with real gloo processes.
 
 * The shipped policy (fp16 parameters, fp16 backbone / fp32 head gradient reduction, as in the IN21K configs)
-  and a bf16 policy train 3 steps through ``franca.train.train.training_step`` with finite losses, the
+  and a bf16 policy train 3 steps through ``franca.train.iteration.training_step`` with finite losses, the
   blocks computing in the low-precision dtype.
 * fp16: an inf written into one gradient shard of rank 1 only, at the second step, makes *every* rank skip
   that optimizer step and halve its loss scale (FSDP's sharded scaler all-reduces the inf flag); the steps

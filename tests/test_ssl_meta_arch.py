@@ -129,20 +129,23 @@ def test_loss_arithmetic_matches_the_official_formulas():
     temp = model.dino_loss.student_temp
     local, glob, ibot = 0.0, 0.0, 0.0
     masks = x["masks"]
-    n_masked = x["mask_indices_list"].shape[0]
+    n_masked = int(x["n_masked_patches"])
+    upperbound = x["upperbound"]
+    assert n_masked < upperbound and x["mask_indices_list"].shape == x["masks_weight"].shape == (upperbound,)
+    assert torch.all(x["masks_weight"][n_masked:] == 0)  # padding rows weigh nothing
+    weights = x["masks_weight"][:n_masked]
     for s_local, s_global, t_cls, s_patch, t_patch in zip(
         student["local_cls"], student["global_cls"], teacher["dino"], student["masked_patches"], teacher["ibot"]
     ):
-        assert t_cls.shape[0] == 2 * BATCH and t_patch.shape[0] == n_masked
-        assert s_patch.shape[0] == x["upperbound"]  # padded rows: the loss uses the first n_masked
-        s_patch = s_patch[:n_masked]
+        assert t_cls.shape[0] == 2 * BATCH and t_patch.shape[0] == s_patch.shape[0] == upperbound
+        s_patch, t_patch = s_patch[:n_masked], t_patch[:n_masked]  # the loss uses the first n_masked rows
         t_crops = t_cls.chunk(2)  # already swapped: row block 0 = teacher of global crop 1
         for s in s_local.chunk(N_LOCAL):
             for t in t_crops:
                 local -= (t * F.log_softmax(s / temp, -1)).sum(-1).mean()
         glob -= (t_cls * F.log_softmax(s_global / temp, -1)).sum(-1).mean()
         per_token = (t_patch * F.log_softmax(s_patch / temp, -1)).sum(-1)
-        ibot -= (per_token * x["masks_weight"]).sum() / masks.shape[0]
+        ibot -= (per_token * weights).sum() / masks.shape[0]
     koleo = sum(KoLeoLoss()(c) for c in student["global_cls_tokens"].chunk(2)) * model.cfg.dino.koleo_loss_weight
     torch.testing.assert_close(losses["dino_local_crops_loss"], local / n_terms)
     torch.testing.assert_close(losses["dino_global_crops_loss"], glob * 2 / n_terms)

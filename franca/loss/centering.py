@@ -46,7 +46,7 @@ class CenteringTeacher(nn.Module):
             )
 
     @torch.no_grad()
-    def softmax_center_teacher(self, teacher_output: Tensor | Sequence[Tensor], teacher_temp: float):
+    def softmax_center_teacher(self, teacher_output: Tensor | Sequence[Tensor], teacher_temp: float | Tensor):
         """``softmax((t - c_j) / T)`` per level, same shapes (and tensor/tuple kind) as ``teacher_output``."""
         self.apply_center_update()
         levels = as_levels(teacher_output)
@@ -56,11 +56,17 @@ class CenteringTeacher(nn.Module):
         return targets[0] if isinstance(teacher_output, Tensor) else targets
 
     @torch.no_grad()
-    def update_center(self, teacher_output: Tensor | Sequence[Tensor]) -> None:
-        """Start the centre update from these teacher logits (row mean per level; all-reduced when distributed)."""
+    def update_center(self, teacher_output: Tensor | Sequence[Tensor], rows: Tensor | None = None) -> None:
+        """Start the centre update from these teacher logits (row mean per level, over the rows where ``rows``
+        [n_rows] bool is True when given; all-reduced when distributed)."""
         levels = as_levels(teacher_output)
         self._check_levels(levels)
-        means = torch.cat([t.reshape(-1, t.shape[-1]).float().mean(0) for t in levels])
+        flat = [t.reshape(-1, t.shape[-1]).float() for t in levels]
+        if rows is None:
+            means = torch.cat([t.mean(0) for t in flat])
+        else:
+            weights = rows.float() / rows.sum().clamp(min=1)  # [n_rows], 1 / #rows kept on the kept rows
+            means = torch.cat([weights @ t for t in flat])
         self._pending_handle = None
         if dist.is_available() and dist.is_initialized():
             self._pending_handle = dist.all_reduce(means, async_op=True)

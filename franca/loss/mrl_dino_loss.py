@@ -47,7 +47,7 @@ class MRLDINOLoss(CenteringTeacher):
     def sinkhorn_knopp_teacher(
         self,
         teacher_output: Tensor | Sequence[Tensor],
-        teacher_temp: float,
+        teacher_temp: float | Tensor,
         n_global_crops_teacher: int = 2,
         n_iterations: int = 3,
     ):

@@ -36,13 +36,19 @@ class MRLiBOTPatchLoss(CenteringTeacher):
     def sinkhorn_knopp_teacher(
         self,
         teach_out: Tensor | Sequence[Tensor],
-        teacher_temp: float,
+        teacher_temp: float | Tensor,
         n_masked_patches_tensor: int | Tensor,
         n_iterations: int = 3,
+        valid_rows: Tensor | None = None,
     ):
-        """Sinkhorn-Knopp targets per level over all given rows, with B = the masked-patch count of all ranks."""
+        """Sinkhorn-Knopp targets per level over all given rows (or only ``valid_rows``, [rows] bool, the others
+        getting zero targets), with B = the masked-patch count of all ranks."""
         targets = sinkhorn_knopp(
-            as_levels(teach_out), teacher_temp, n_samples=n_masked_patches_tensor, n_iterations=n_iterations
+            as_levels(teach_out),
+            teacher_temp,
+            n_samples=n_masked_patches_tensor,
+            n_iterations=n_iterations,
+            valid_rows=valid_rows,
         )
         return targets[0] if isinstance(teach_out, Tensor) else targets
 

@@ -64,14 +64,18 @@ def _level_indicator(sizes: tuple[int, ...], device: torch.device) -> tuple[Tens
 @torch.no_grad()
 def sinkhorn_knopp(
     logits: Sequence[Tensor],
-    temperature: float,
+    temperature: float | Tensor,
     n_samples: int | Tensor | None = None,
     n_iterations: int = 3,
+    valid_rows: Tensor | None = None,
 ) -> tuple[Tensor, ...]:
     """Sinkhorn-Knopp assignments, one (B_local × K_j) float32 tensor per level of ``logits``.
 
     ``n_samples`` is this rank's sample count B_local (summed over ranks to give B); by default the number
-    of rows. The logits are not modified.
+    of rows. ``temperature`` is a float or a 0-d tensor on the logits' device. ``valid_rows`` [B_local] bool
+    leaves the other rows out (their exponentials are exactly 0, so they add nothing to any total and get zero
+    assignments): the result on the valid rows is that of a call on those rows alone, with shapes that do not
+    depend on how many there are. The logits are not modified.
 
     Levels with the same row count are processed together: their exponentials sit side by side in one
     [B_local, ΣK_j] buffer (the returned tensors are its column blocks), and with the one-hot level indicator
@@ -85,7 +89,7 @@ def sinkhorn_knopp(
     if not logits or any(level.ndim != 2 for level in logits):
         raise ValueError("sinkhorn_knopp: logits must be a non-empty sequence of 2-D (samples × prototypes) tensors")
     if len({level.shape[0] for level in logits}) > 1:  # levels of different row counts: one call each
-        return tuple(sinkhorn_knopp([level], temperature, n_samples, n_iterations)[0] for level in logits)
+        return tuple(sinkhorn_knopp([level], temperature, n_samples, n_iterations, valid_rows)[0] for level in logits)
     distributed = _distributed()
     world_size = dist.get_world_size() if distributed else 1
     device = logits[0].device
@@ -103,12 +107,19 @@ def sinkhorn_knopp(
         if distributed:
             dist.all_reduce(totals_b)
 
-    inv_t = 1.0 / temperature
-    shifts = (maxima * inv_t - _MAX_EXPONENT).clamp_(min=0.0)  # [J]
+    # T as a 0-d float32 tensor: a fill for a float, the caller's tensor (read on the device) otherwise; L / T is
+    # then one rounded division, as the reference's exp(L / T), whichever form T came in.
+    if isinstance(temperature, Tensor):
+        temp = temperature.to(device=device, dtype=torch.float32)
+    else:
+        temp = maxima.new_full((), temperature)
+    shifts = (maxima / temp - _MAX_EXPONENT).clamp_(min=0.0).neg_()  # -c_j, [J]
+    if valid_rows is not None:  # -inf on the rows left out: exp() gives them exact zeros
+        shifts = torch.where(valid_rows.unsqueeze(1), shifts, -torch.inf)  # [B_local, J]
     exps = torch.empty(rows, sum(sizes), device=device, dtype=torch.float32)  # E, [B_local, ΣK]
     blocks = exps.split(sizes, dim=1)
-    for block, level, neg_shift in zip(blocks, logits, shifts.neg_().unbind(0)):
-        torch.add(neg_shift, level, alpha=inv_t, out=block)  # L_j / T - c_j
+    for block, level, neg_shift in zip(blocks, logits, shifts.unbind(-1)):
+        torch.addcdiv(neg_shift.unsqueeze(-1), level, temp, out=block)  # L_j / T - c_j
     exps.exp_()
     prototype_scale = exps.new_empty(0)
     sample_scale: Tensor | None = None  # V, [B_local, J]

@@ -18,6 +18,7 @@ past ``n_rows`` (the iBOT ``upperbound`` padding) get a zero gradient without a 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -79,6 +80,13 @@ class _SoftCrossEntropy(torch.autograd.Function):
         return None, None, None, None, None, *grads, *([None] * ctx.n_levels)
 
 
+@functools.lru_cache(maxsize=16)
+def _level_weight_tensor(weights: tuple[float, ...], device: torch.device) -> Tensor:
+    """The level weights λ_j as a [J] float32 tensor on ``device``, copied there once (no host-to-device copy
+    inside a step)."""
+    return torch.tensor(weights, dtype=torch.float32).to(device)
+
+
 def soft_cross_entropy(
     students: Sequence[Tensor],
     targets: Sequence[Tensor],
@@ -120,5 +128,5 @@ def soft_cross_entropy(
     if level_weights is not None:
         if len(level_weights) != len(students):
             raise ValueError(f"soft_cross_entropy: {len(level_weights)} level weights for {len(students)} levels")
-        lambdas = torch.tensor([float(w) for w in level_weights], device=device)
+        lambdas = _level_weight_tensor(tuple(float(w) for w in level_weights), device)
     return _SoftCrossEntropy.apply(float(temperature), n_rows, weight, lambdas, len(students), *students, *targets)

@@ -55,12 +55,23 @@ def _split_levels(levels: Levels, sizes: list[int]) -> list[Levels]:
     return [tuple(chunks[i] for chunks in per_level) for i in range(len(sizes))]
 
 
-def _gather_masked(patch_tokens: Tensor, mask_indices: Tensor, upperbound: int) -> Tensor:
-    """Masked patch tokens (rows of ``patch_tokens.flatten(0, 1)`` at ``mask_indices``) zero-padded to ``upperbound`` rows."""
-    n_masked = mask_indices.shape[0]
-    buffer = patch_tokens.new_zeros(max(upperbound, n_masked), patch_tokens.shape[-1])
-    buffer[:n_masked] = torch.index_select(patch_tokens.flatten(0, 1), 0, mask_indices)
-    return buffer
+def _pad_rows(t: Tensor, rows: int) -> Tensor:
+    """``t`` [M, ...] followed by zeros up to ``rows`` rows (``t`` itself when it has them already)."""
+    return t if t.shape[0] >= rows else torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+
+
+def _valid_rows(n_masked_patches: Tensor, rows: int, device: torch.device) -> Tensor:
+    """[rows] bool, True for the first ``n_masked_patches`` rows (a device comparison: no host read)."""
+    return torch.arange(rows, device=device) < n_masked_patches.reshape(-1)[:1]
+
+
+def _gather_masked(patch_tokens: Tensor, mask_indices: Tensor, n_masked_patches: Tensor, upperbound: int) -> Tensor:
+    """Rows ``mask_indices`` of ``patch_tokens.flatten(0, 1)``, [U, D] with U = max(``upperbound``, M): the rows past
+    the first ``n_masked_patches`` are zeros, whatever index pads ``mask_indices`` (so the shape is the same at
+    every step when the indices come padded to U, and the index-select backward adds zeros there)."""
+    rows = max(upperbound, mask_indices.shape[0])
+    gathered = torch.index_select(patch_tokens.flatten(0, 1), 0, _pad_rows(mask_indices, rows))
+    return torch.where(_valid_rows(n_masked_patches, rows, gathered.device).unsqueeze(1), gathered, 0.0)
 
 
 class StepOutputs(NamedTuple):
@@ -198,21 +209,30 @@ class SSLMetaArch(nn.Module):
 
     def _move_batch(self, batch: dict) -> dict:
         """The step's keyword arguments from a collated batch: tensors on the model's device, images in the
-        parameters' dtype (names as in :meth:`get_teacher_output` / :meth:`get_student_output`)."""
+        parameters' dtype (names as in :meth:`get_teacher_output` / :meth:`get_student_output`).
+
+        ``mask_indices_list`` and ``masks_weight`` come zero-padded from M to ``upperbound`` U rows (padding
+        before the copy, on the batch's device): U depends only on the batch size and the masking ratios, so
+        every tensor of the step has the same shape at every iteration. The padding rows gather zeros and
+        weigh 0 in the iBOT loss; ``n_masked_patches`` (M, on the device) marks them."""
         device = self.device
         param_dtype = next(self.student.parameters()).dtype
+        upperbound = int(batch["upperbound"])
 
         def move(key: str, **kwargs) -> Tensor:
             return batch[key].to(device, non_blocking=True, **kwargs)
+
+        def move_padded(key: str) -> Tensor:
+            return _pad_rows(batch[key], upperbound).to(device, non_blocking=True)
 
         return {
             "global_crops": move("collated_global_crops", dtype=param_dtype),  # [n_global_crops·B, 3, H, W]
             "local_crops": move("collated_local_crops", dtype=param_dtype),  # [n_local_crops·B, 3, h, w]
             "masks": move("collated_masks"),  # [n_global_crops·B, N] bool
-            "mask_indices_list": move("mask_indices_list"),  # [M] rows of the flattened patch tokens
-            "masks_weight": move("masks_weight"),  # [M]
+            "mask_indices_list": move_padded("mask_indices_list"),  # [U] rows of the flattened patch tokens
+            "masks_weight": move_padded("masks_weight"),  # [U], 0 past M
             "n_masked_patches": move("n_masked_patches"),  # [1] (= M, as a tensor)
-            "upperbound": int(batch["upperbound"]),  # U ≥ M, the padded masked-patch row count
+            "upperbound": upperbound,  # U ≥ M
         }
 
     # ------------------------------------------------------------------ the step
@@ -225,11 +245,13 @@ class SSLMetaArch(nn.Module):
         mask_indices_list: Tensor,
         n_masked_patches: Tensor,
         upperbound: int,
-        teacher_temp: float,
+        teacher_temp: float | Tensor,
     ) -> dict[str, Levels | None]:
-        """Teacher targets per level: ``dino`` [n_global_crops·B, K_j] (crops swapped) and ``ibot`` [M, K_j]
-        (None without iBOT), float32."""
-        n_masked = mask_indices_list.shape[0]
+        """Teacher targets per level, float32: ``dino`` [n_global_crops·B, K_j] (crops swapped) and ``ibot``
+        [U, K_j] (None without iBOT): its first ``n_masked_patches`` rows are the masked patches' targets, the
+        rest padding (zero-token rows: Sinkhorn-Knopp runs over them, as in the official code, unless
+        ``ibot.sk_exclude_padding``, which leaves them out and gives them zero targets). ``teacher_temp`` may be
+        a 0-d device tensor (a step without host values, :mod:`franca.train.static_step`)."""
         with self._autocast():
             out = self.teacher.backbone.forward_features(global_crops)
             cls_tokens = out["x_norm_clstoken"].chunk(N_GLOBAL_CROPS)  # n_global_crops × [B, D]
@@ -237,7 +259,9 @@ class SSLMetaArch(nn.Module):
             n_cls = cls_tokens.shape[0]
             masked_patches = None
             if self.do_ibot:
-                masked_patches = _gather_masked(out["x_norm_patchtokens"], mask_indices_list, upperbound)  # [U, D]
+                masked_patches = _gather_masked(
+                    out["x_norm_patchtokens"], mask_indices_list, n_masked_patches, upperbound
+                )  # [U, D]
             if masked_patches is None:
                 dino_logits, ibot_logits = as_levels(self.teacher.dino_head(cls_tokens)), None
             elif self.ibot_separate_head:
@@ -247,32 +271,30 @@ class SSLMetaArch(nn.Module):
                 both = as_levels(self.teacher.dino_head(torch.cat([cls_tokens, masked_patches])))
                 dino_logits, ibot_logits = _split_levels(both, [n_cls, masked_patches.shape[0]])
         dino_logits = tuple(t.float() for t in dino_logits)
+        ibot_targets = None
+        real_rows = None
         if ibot_logits is not None:
             ibot_logits = tuple(t.float() for t in ibot_logits)
+            real_rows = _valid_rows(n_masked_patches, ibot_logits[0].shape[0], ibot_logits[0].device)  # [U]
 
         if self.centering == "sinkhorn_knopp":
             dino_targets = self.dino_loss.sinkhorn_knopp_teacher(
                 dino_logits, teacher_temp=teacher_temp, n_global_crops_teacher=N_GLOBAL_CROPS
             )
-            ibot_targets = None
             if ibot_logits is not None:
-                rows = n_masked if self.sk_exclude_padding else ibot_logits[0].shape[0]
                 ibot_targets = self.ibot_patch_loss.sinkhorn_knopp_teacher(
-                    tuple(t[:rows] for t in ibot_logits),
+                    ibot_logits,
                     teacher_temp=teacher_temp,
                     n_masked_patches_tensor=n_masked_patches,
+                    valid_rows=real_rows if self.sk_exclude_padding else None,
                 )
         else:
             dino_targets = self.dino_loss.softmax_center_teacher(dino_logits, teacher_temp=teacher_temp)
             self.dino_loss.update_center(dino_logits)
-            ibot_targets = None
             if ibot_logits is not None:
-                real = tuple(t[:n_masked] for t in ibot_logits)
-                ibot_targets = self.ibot_patch_loss.softmax_center_teacher(real, teacher_temp=teacher_temp)
-                self.ibot_patch_loss.update_center(real)
-        dino_targets = tuple(dino_targets)
-        ibot_targets = None if ibot_targets is None else tuple(t[:n_masked] for t in ibot_targets)  # [M, K_j]
-        return {"dino": dino_targets, "ibot": ibot_targets}
+                ibot_targets = self.ibot_patch_loss.softmax_center_teacher(ibot_logits, teacher_temp=teacher_temp)
+                self.ibot_patch_loss.update_center(ibot_logits, rows=real_rows)
+        return {"dino": tuple(dino_targets), "ibot": None if ibot_targets is None else tuple(ibot_targets)}
 
     def get_student_output(
         self,
@@ -281,11 +303,12 @@ class SSLMetaArch(nn.Module):
         local_crops: Tensor,
         masks: Tensor,
         mask_indices_list: Tensor,
+        n_masked_patches: Tensor,
         upperbound: int,
     ) -> dict[str, Levels | Tensor | None]:
         """Student head outputs per level, float32: ``local_cls`` [n_local_crops·B, K_j], ``global_cls``
-        [n_global_crops·B, K_j], ``masked_patches`` [U, K_j] (rows past M are padding, which the iBOT loss
-        leaves out; None without iBOT); and ``global_cls_tokens``
+        [n_global_crops·B, K_j], ``masked_patches`` [U, K_j] (rows past ``n_masked_patches`` are padding, which
+        the iBOT loss weighs 0; None without iBOT); and ``global_cls_tokens``
         [n_global_crops·B, D] (the backbone's, for KoLeo)."""
         with self._autocast():
             if self.n_local_crops > 0:
@@ -298,7 +321,9 @@ class SSLMetaArch(nn.Module):
                 head_inputs = [global_out["x_norm_clstoken"][:0], global_out["x_norm_clstoken"]]
             masked_patches = None
             if self.do_ibot:
-                masked_patches = _gather_masked(global_out["x_norm_patchtokens"], mask_indices_list, upperbound)
+                masked_patches = _gather_masked(
+                    global_out["x_norm_patchtokens"], mask_indices_list, n_masked_patches, upperbound
+                )
                 if not self.ibot_separate_head:
                     head_inputs.append(masked_patches)  # [U, D]
             sizes = [x.shape[0] for x in head_inputs]
@@ -322,7 +347,7 @@ class SSLMetaArch(nn.Module):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The objective to back-propagate and the dict of logged loss terms (see the module docstring), from
         :meth:`get_teacher_output`, :meth:`get_student_output`, the iBOT masks [n_global_crops·B, N] and
-        their per-token weights [M]."""
+        the per-row weights of the masked patches ([U] from :meth:`_move_batch`, 0 on padding rows, or [M])."""
         n_loss_terms = max(self.n_local_crops * N_GLOBAL_CROPS, 1) + N_GLOBAL_CROPS * (N_GLOBAL_CROPS - 1)
         objective = student["global_cls_tokens"].new_zeros(())
         losses: dict[str, Tensor] = {}
@@ -363,7 +388,7 @@ class SSLMetaArch(nn.Module):
         else:
             loss.backward()
 
-    def forward_backward(self, batch: dict, teacher_temp: float) -> dict[str, Tensor]:
+    def forward_backward(self, batch: dict, teacher_temp: float | Tensor) -> dict[str, Tensor]:
         """One step's losses on ``batch`` (output of ``collate_data_and_cast``); gradients land on the student.
 
         Returns the detached logged terms ``dino_local_crops_loss``, ``dino_global_crops_loss``,
@@ -373,10 +398,13 @@ class SSLMetaArch(nn.Module):
         self.backprop_loss(step.objective)
         return {name: value.detach() for name, value in step.losses.items()}
 
-    def forward_step(self, batch: dict, teacher_temp: float) -> StepOutputs:
+    def forward_step(self, batch: dict, teacher_temp: float | Tensor) -> StepOutputs:
         """The forward half of :meth:`forward_backward`: the batch on the device, the teacher targets, the
         student outputs, the weighted objective and the logged terms (not detached, nothing backpropagated)."""
-        x = self._move_batch(batch)
+        return self.forward_on_device(self._move_batch(batch), teacher_temp=teacher_temp)
+
+    def forward_on_device(self, x: dict[str, Any], teacher_temp: float | Tensor) -> StepOutputs:
+        """:meth:`forward_step` on inputs already on the device (the output of :meth:`_move_batch`)."""
         teacher = self.get_teacher_output(
             global_crops=x["global_crops"],
             mask_indices_list=x["mask_indices_list"],
@@ -389,6 +417,7 @@ class SSLMetaArch(nn.Module):
             local_crops=x["local_crops"],
             masks=x["masks"],
             mask_indices_list=x["mask_indices_list"],
+            n_masked_patches=x["n_masked_patches"],
             upperbound=x["upperbound"],
         )
         objective, losses = self.compute_losses(
@@ -412,11 +441,17 @@ class SSLMetaArch(nn.Module):
         return student_params, teacher_params
 
     @torch.no_grad()
-    def update_teacher(self, momentum: float) -> None:
-        """EMA of every student parameter into the teacher: ``t ← m·t + (1 − m)·s``, as ``t ← lerp(t, s, 1 − m)``:
-        one foreach pass over all parameters (``m = 0`` copies the student exactly, ``m = 1`` keeps the teacher)."""
+    def update_teacher(self, momentum: float | Tensor) -> None:
+        """EMA of every student parameter into the teacher: ``t ← m·t + (1 − m)·s``, in foreach passes over all
+        parameters: one ``lerp(t, s, 1 − m)`` for a float m (``m = 0`` copies the student exactly, ``m = 1``
+        keeps the teacher); for a 0-d device tensor m (read on the device, never on the host) ``t·m`` plus
+        ``s·(1 − m)``."""
         student_params, teacher_params = self._paired_parameters()
-        torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)
+        if not isinstance(momentum, Tensor):
+            torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)
+            return
+        torch._foreach_mul_(teacher_params, momentum)
+        torch._foreach_add_(teacher_params, torch._foreach_mul(student_params, 1.0 - momentum))
 
     def get_params_groups(self) -> list[dict]:
         """AdamW parameter groups of the student (see :mod:`franca.utils.param_groups`)."""

@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import random
 import sys
@@ -69,19 +68,17 @@ from franca.data.masking import masking_options
 from franca.data.multicrop import N_GLOBAL_CROPS, MultiCropDistribution
 from franca.logging import MetricLogger, setup_logging
 from franca.train.checkpointing import Checkpointer, list_checkpoints, remove_checkpoint, restore_rng_state
+from franca.train.iteration import NonFiniteLossError, training_step
 from franca.train.preemption import REQUEUE_EXIT_CODE, PreemptionHandler, TrainingPreempted
 from franca.train.schedules import CosineScheduler
 from franca.train.sharded_checkpoint import ShardedCheckpointer
 from franca.train.ssl_meta_arch import SSLMetaArch
+from franca.train.static_step import StaticTrainingStep
 from franca.utils.config import apply_scaling_rules_to_cfg, get_cfg_from_args, write_config
 
 logger = logging.getLogger("franca")
 
 METRICS_FILE = "training_metrics.json"
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss term became NaN or infinite; the message names the iteration and every term."""
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -149,95 +146,6 @@ def apply_optim_scheduler(optimizer: torch.optim.Optimizer, lr: float, wd: float
     for group in optimizer.param_groups:
         group["weight_decay"] = wd * group["wd_multiplier"]
         group["lr"] = (last_layer_lr if group["is_last_layer"] else lr) * group["lr_multiplier"]
-
-
-def clip_gradients(model: SSLMetaArch, max_norm: float) -> None:
-    """Clip the gradient norm of each student part (backbone, dino_head, ibot_head) separately.
-
-    Per part: ``g ← g · min(1, max_norm / (‖g‖₂ + 1e-6))`` with ``‖g‖₂`` over all of the part's gradients, in
-    foreach kernels (one norm and one scaling over all tensors of a part) and without a host sync. With FSDP
-    the gradients are DTensor shards and the norm is reduced across ranks: the total norm is that of the
-    full gradient (checked against one process in ``tests/test_fsdp.py``).
-    """
-    for part in model.student.values():
-        params = [p for p in part.parameters() if p.grad is not None]
-        if params:
-            torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=params[0].device.type in ("cpu", "cuda"))
-
-
-def _stacked_losses(loss_dict: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The loss terms as one float32 vector [n_terms], averaged over ranks (an all-reduce on the device)."""
-    values = torch.stack([value.detach().float() for value in loss_dict.values()])
-    if distributed.is_enabled() and distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(values)
-        values /= distributed.get_world_size()
-    return values
-
-
-def reduce_losses(loss_dict: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Mean of each loss term over ranks, as floats (one all-reduce for all terms; one host sync)."""
-    return dict(zip(loss_dict, _stacked_losses(loss_dict).tolist()))
-
-
-def check_finite(iteration: int, losses: dict[str, float]) -> None:
-    if not all(math.isfinite(v) for v in losses.values()):
-        terms = ", ".join(f"{name}={value:.6g}" for name, value in losses.items())
-        raise NonFiniteLossError(f"non-finite loss at iteration {iteration}: {terms}; stopping")
-
-
-def _step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
-    """``optimizer.step()`` unless the 0-d ``skip`` is 1, decided on the device: the fused AdamW kernel reads it
-    (``found_inf``, as the grad scaler passes it) and leaves parameters, moments and step counts unchanged."""
-    optimizer.found_inf = skip
-    try:
-        optimizer.step()
-    finally:
-        del optimizer.found_inf
-
-
-def training_step(
-    model: SSLMetaArch,
-    optimizer: torch.optim.Optimizer,
-    batch: dict,
-    *,
-    iteration: int,
-    teacher_temp: float,
-    momentum: float,
-    clip_grad: float,
-) -> dict[str, float]:
-    """forward_backward → clip → step → EMA → the logged losses; a non-finite loss raises NonFiniteLossError.
-
-    A step whose (rank-averaged) losses are not all finite changes no student weight. With the fused AdamW and
-    no grad scaler that is decided on the device, and the host waits only once, after the EMA, to read the
-    losses for logging; otherwise (the fp16 grad scaler, whose step reads its inf flag on the host anyway, or
-    a non-fused optimizer) the losses are read before the step.
-    """
-    optimizer.zero_grad(set_to_none=True)
-    loss_dict = model.forward_backward(batch, teacher_temp=teacher_temp)
-    scaler = model.fp16_scaler
-    if scaler is None and all(group.get("fused") for group in optimizer.param_groups):
-        values = _stacked_losses(loss_dict)
-        if clip_grad:
-            clip_gradients(model, clip_grad)
-        _step_unless(optimizer, (~torch.isfinite(values).all()).float())
-        model.update_teacher(momentum)
-        losses = dict(zip(loss_dict, values.tolist()))
-        check_finite(iteration, losses)
-        return losses
-    losses = reduce_losses(loss_dict)
-    check_finite(iteration, losses)
-    if scaler is not None:
-        if clip_grad:
-            scaler.unscale_(optimizer)
-            clip_gradients(model, clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        if clip_grad:
-            clip_gradients(model, clip_grad)
-        optimizer.step()
-    model.update_teacher(momentum)
-    return losses
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -452,6 +360,9 @@ def do_train(
     checkpointer = build_checkpointer(cfg, model, optimizer)
     state = _initial_state(cfg, model, checkpointer, resume)
     start_iter = state["start_iter"]
+    graphed_step = None
+    if cfg.train.cuda_graph:  # after the restore: it takes over the optimizer's lr and weight decay
+        graphed_step = StaticTrainingStep(model, optimizer, cfg.optim.clip_grad, capture=True)
     logger.info(f"Starting training at iteration {start_iter} of {max_iter}")
     if distributed.is_main_process():
         log_parameter_counts(model)
@@ -484,19 +395,30 @@ def do_train(
         lr, wd = lr_schedule[iteration], wd_schedule[iteration]
         mom, teacher_temp = momentum_schedule[iteration], teacher_temp_schedule[iteration]
         last_layer_lr = last_layer_lr_schedule[iteration]
-        apply_optim_scheduler(optimizer, lr, wd, last_layer_lr)
         if batch_augmentation is not None:
             batch = render_crops(batch, batch_augmentation, model.device, _input_dtype(model))
 
-        losses = training_step(
-            model,
-            optimizer,
-            batch,
-            iteration=iteration,
-            teacher_temp=teacher_temp,
-            momentum=mom,
-            clip_grad=cfg.optim.clip_grad,
-        )
+        if graphed_step is not None:
+            losses = graphed_step(
+                batch,
+                iteration=iteration,
+                lr=lr,
+                wd=wd,
+                momentum=mom,
+                teacher_temp=teacher_temp,
+                last_layer_lr=last_layer_lr,
+            )
+        else:
+            apply_optim_scheduler(optimizer, lr, wd, last_layer_lr)
+            losses = training_step(
+                model,
+                optimizer,
+                batch,
+                iteration=iteration,
+                teacher_temp=teacher_temp,
+                momentum=mom,
+                clip_grad=cfg.optim.clip_grad,
+            )
 
         metric_logger.update(lr=lr, wd=wd, mom=mom, teacher_temp=teacher_temp, last_layer_lr=last_layer_lr)
         metric_logger.update(current_batch_size=batch["collated_global_crops"].shape[0] // 2)
