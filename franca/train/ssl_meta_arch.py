@@ -471,8 +471,7 @@ class SSLMetaArch(nn.Module):
         """``torch.compile`` the step's parts in place (names, checkpoints and FSDP units unchanged): every
         transformer block of both backbones, the heads, the loss forwards (DINO, iBOT, KoLeo) and the
         Sinkhorn-Knopp targets, so that the element-wise passes around the products fuse into few kernels.
-        Blocks and heads see fixed shapes (``upperbound``-row iBOT buffers); the losses, whose masked-patch
-        count varies, are compiled for dynamic shapes after their first recompilation."""
+        Blocks, heads and losses see the same shapes at every step (the iBOT rows padded to ``upperbound``)."""
         for net in (self.student, self.teacher):
             net.backbone.compile_blocks()
             for key in ("dino_head", "ibot_head"):
