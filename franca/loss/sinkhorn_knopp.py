@@ -26,6 +26,7 @@ with N·b rows. Nothing is communicated unless ``torch.distributed`` is initiali
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -54,10 +55,12 @@ def _all_reduce_levels(vectors: list[Tensor], op: dist.ReduceOp.RedOpType = dist
 def _level_indicator(sizes: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """One-hot [ΣK_j, J] bool matrix (row k is True in the column of prototype k's level), the [ΣK_j] level
     size K_j of every prototype and a float32 zero; built once per level sizes and device (no host sync and
-    no host-to-device copy in the step)."""
-    level_of = torch.tensor([j for j, k in enumerate(sizes) for _ in range(k)])
-    indicator = torch.zeros(len(level_of), len(sizes), dtype=torch.bool).scatter_(1, level_of.unsqueeze(1), True)
-    counts = torch.tensor([float(k) for k in sizes for _ in range(k)])
+    no host-to-device copy in the step), from tensors of J numbers (cheap to trace when compiled, where the
+    cache is bypassed)."""
+    ends = torch.tensor(list(itertools.accumulate(sizes)))  # [J], end of each level's prototypes
+    level_of = torch.bucketize(torch.arange(sum(sizes)), ends, right=True)  # [ΣK], level of each prototype
+    indicator = level_of.unsqueeze(1) == torch.arange(len(sizes))
+    counts = torch.tensor(sizes, dtype=torch.float32)[level_of]
     return indicator.to(device), counts.to(device), torch.zeros((), device=device)
 
 
@@ -97,7 +100,13 @@ def sinkhorn_knopp(
     sizes = tuple(level.shape[1] for level in logits)
     indicator, prototype_counts, zero = _level_indicator(sizes, device)  # [ΣK, J], [ΣK], []
 
-    maxima = torch.stack(torch._foreach_max(list(logits))).float()  # [J]
+    # Dynamo traces neither _foreach_max nor out= into column blocks: compiled, plain per-level operators (which
+    # Inductor fuses); eager, one foreach maximum and every level written straight into its block of E.
+    compiling = torch.compiler.is_compiling()
+    if compiling:
+        maxima = torch.stack([level.amax() for level in logits]).float()  # [J]
+    else:
+        maxima = torch.stack(torch._foreach_max(list(logits))).float()  # [J]
     if distributed:
         dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
     if n_samples is None:
@@ -116,10 +125,15 @@ def sinkhorn_knopp(
     shifts = (maxima / temp - _MAX_EXPONENT).clamp_(min=0.0).neg_()  # -c_j, [J]
     if valid_rows is not None:  # -inf on the rows left out: exp() gives them exact zeros
         shifts = torch.where(valid_rows.unsqueeze(1), shifts, -torch.inf)  # [B_local, J]
-    exps = torch.empty(rows, sum(sizes), device=device, dtype=torch.float32)  # E, [B_local, ΣK]
-    blocks = exps.split(sizes, dim=1)
-    for block, level, neg_shift in zip(blocks, logits, shifts.unbind(-1)):
-        torch.addcdiv(neg_shift.unsqueeze(-1), level, temp, out=block)  # L_j / T - c_j
+    scaled = [(level, neg_shift.unsqueeze(-1)) for level, neg_shift in zip(logits, shifts.unbind(-1))]
+    if compiling:
+        exps = torch.cat([torch.addcdiv(neg_shift, level.float(), temp) for level, neg_shift in scaled], dim=1)
+        blocks = exps.split(sizes, dim=1)
+    else:
+        exps = torch.empty(rows, sum(sizes), device=device, dtype=torch.float32)  # E, [B_local, ΣK]
+        blocks = exps.split(sizes, dim=1)
+        for block, (level, neg_shift) in zip(blocks, scaled):
+            torch.addcdiv(neg_shift, level, temp, out=block)  # L_j / T - c_j
     exps.exp_()
     prototype_scale = exps.new_empty(0)
     sample_scale: Tensor | None = None  # V, [B_local, J]
