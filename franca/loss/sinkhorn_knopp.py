@@ -127,13 +127,12 @@ def sinkhorn_knopp(
         shifts = torch.where(valid_rows.unsqueeze(1), shifts, -torch.inf)  # [B_local, J]
     scaled = [(level, neg_shift.unsqueeze(-1)) for level, neg_shift in zip(logits, shifts.unbind(-1))]
     if compiling:
-        exps = torch.cat([torch.addcdiv(neg_shift, level.float(), temp) for level, neg_shift in scaled], dim=1)
-        blocks = exps.split(sizes, dim=1)
+        exps = torch.cat([torch.addcdiv(neg_shift, level, temp) for level, neg_shift in scaled], dim=1)
     else:
         exps = torch.empty(rows, sum(sizes), device=device, dtype=torch.float32)  # E, [B_local, ΣK]
-        blocks = exps.split(sizes, dim=1)
-        for block, (level, neg_shift) in zip(blocks, scaled):
+        for block, (level, neg_shift) in zip(exps.split(sizes, dim=1), scaled):
             torch.addcdiv(neg_shift, level, temp, out=block)  # L_j / T - c_j
+    blocks = exps.split(sizes, dim=1)
     exps.exp_()
     prototype_scale = exps.new_empty(0)
     sample_scale: Tensor | None = None  # V, [B_local, J]

@@ -8,6 +8,7 @@ iteration with its schedule values on the device (``train.cuda_graph``).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -63,6 +64,29 @@ def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
         del optimizer.found_inf
 
 
+def step_on_device(
+    model: SSLMetaArch,
+    optimizer: torch.optim.Optimizer,
+    loss_dict: dict[str, torch.Tensor],
+    *,
+    clip_grad: float,
+    momentum: float | torch.Tensor,
+    before_step: Callable[[torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Clip → fused AdamW step, skipped on the device when a rank-averaged loss is not finite → EMA, after
+    ``backward``; returns the loss vector [n_terms] (nothing read on the host). ``before_step(skip)`` runs
+    just before the step with the 0-d skip flag (1.0: skip)."""
+    values = stacked_losses(loss_dict)
+    skip = (~torch.isfinite(values).all()).float()
+    if clip_grad:
+        clip_gradients(model, clip_grad)
+    if before_step is not None:
+        before_step(skip)
+    step_unless(optimizer, skip)
+    model.update_teacher(momentum)
+    return values
+
+
 def training_step(
     model: SSLMetaArch,
     optimizer: torch.optim.Optimizer,
@@ -84,11 +108,7 @@ def training_step(
     loss_dict = model.forward_backward(batch, teacher_temp=teacher_temp)
     scaler = model.fp16_scaler
     if scaler is None and all(group.get("fused") for group in optimizer.param_groups):
-        values = stacked_losses(loss_dict)
-        if clip_grad:
-            clip_gradients(model, clip_grad)
-        step_unless(optimizer, (~torch.isfinite(values).all()).float())
-        model.update_teacher(momentum)
+        values = step_on_device(model, optimizer, loss_dict, clip_grad=clip_grad, momentum=momentum)
         losses = dict(zip(loss_dict, values.tolist()))
         check_finite(iteration, losses)
         return losses

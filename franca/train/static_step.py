@@ -34,10 +34,20 @@ import torch
 from torch import Tensor
 
 import franca.distributed as distributed
-from franca.train.iteration import check_finite, clip_gradients, stacked_losses, step_unless
+from franca.train.iteration import check_finite, step_on_device
 from franca.train.ssl_meta_arch import SSLMetaArch
 
 SCHEDULE = ("lr", "wd", "momentum", "teacher_temp", "last_layer_lr")
+
+
+def _step_blockers(model: SSLMetaArch, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Why this step cannot run ``model`` and ``optimizer`` at all, recorded or not (empty: it can)."""
+    blockers = []
+    if model.fp16_scaler is not None:
+        blockers.append("the fp16 grad scaler reads its inf flag on the host (compute in bf16)")
+    if not all(group.get("fused") for group in optimizer.param_groups):
+        blockers.append("it needs the fused AdamW (every parameter a floating-point CPU or CUDA tensor)")
+    return blockers
 
 
 def capture_blockers(model: SSLMetaArch, optimizer: torch.optim.Optimizer) -> list[str]:
@@ -47,10 +57,7 @@ def capture_blockers(model: SSLMetaArch, optimizer: torch.optim.Optimizer) -> li
         blockers.append(f"it needs a CUDA device (the model is on {model.device.type})")
     if distributed.is_enabled() and distributed.get_world_size() > 1:
         blockers.append(f"it runs in one process (this run has {distributed.get_world_size()} ranks, sharded by FSDP)")
-    if model.fp16_scaler is not None:
-        blockers.append("the fp16 grad scaler reads its inf flag on the host (compute in bf16)")
-    if not all(group.get("fused") for group in optimizer.param_groups):
-        blockers.append("it needs the fused AdamW (every parameter a floating-point CPU or CUDA tensor)")
+    blockers += _step_blockers(model, optimizer)
     if model.centering != "sinkhorn_knopp":
         blockers.append("softmax centering (train.centering=centering) updates its centre outside the device")
     return blockers
@@ -70,10 +77,10 @@ class StaticTrainingStep:
         capture: bool = False,
         warmup: int = WARMUP,
     ) -> None:
-        if capture and (blockers := capture_blockers(model, optimizer)):
-            raise ValueError("train.cuda_graph=true cannot capture this run: " + "; ".join(blockers))
-        if model.fp16_scaler is not None or not all(group.get("fused") for group in optimizer.param_groups):
-            raise ValueError("StaticTrainingStep needs the fused AdamW and no fp16 grad scaler")
+        blockers = capture_blockers(model, optimizer) if capture else _step_blockers(model, optimizer)
+        if blockers:
+            what = "train.cuda_graph=true cannot capture this run" if capture else "StaticTrainingStep cannot run"
+            raise ValueError(f"{what}: " + "; ".join(blockers))
         self.model, self.optimizer, self.clip_grad = model, optimizer, clip_grad
         self.capture, self.warmup = capture, warmup
         device = model.device
@@ -104,17 +111,16 @@ class StaticTrainingStep:
         step = model.forward_on_device(self.inputs, teacher_temp=teacher_temp)
         model.backprop_loss(step.objective)
         self._names = list(step.losses)
-        values = stacked_losses(step.losses)
-        skip = (~torch.isfinite(values).all()).float()
-        if self.clip_grad:
-            clip_gradients(model, self.clip_grad)
-        decay = torch.mul(self._group_lrs * self._wd_multipliers, wd * (1.0 - skip)).neg_().add_(1.0)  # [G]
-        with torch.no_grad():
+
+        @torch.no_grad()
+        def weight_decay(skip: Tensor) -> None:
+            decay = torch.mul(self._group_lrs * self._wd_multipliers, wd * (1.0 - skip)).neg_().add_(1.0)  # [G]
             for g, params in self._decayed:
                 torch._foreach_mul_(params, decay[g])
-        step_unless(self.optimizer, skip)
-        model.update_teacher(momentum)
-        return values
+
+        return step_on_device(
+            model, self.optimizer, step.losses, clip_grad=self.clip_grad, momentum=momentum, before_step=weight_decay
+        )
 
     def _load_inputs(self, batch: dict) -> None:
         inputs = self.model._move_batch(batch)
